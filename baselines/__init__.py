@@ -1,0 +1,1 @@
+"""Baseline memory modules (RMT, MemoryBank, vector RAG), one module each, registered on import."""

@@ -1,0 +1,159 @@
+"""The ``r3mem-bench`` command line: run, list, report, and the commands other modules add."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import typer
+from rich.console import Console
+
+from r3mem_bench.errors import CheckFailed, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="r3mem-bench: evaluate memory modules of language models side by side.")
+console = Console(stderr=True)
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``key=value`` pairs, values parsed as YAML scalars (safe loader)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--method-arg {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def run(
+    task: str = typer.Option("lm", "--task", "-t", help="Task names or family names, comma separated."),
+    method: str = typer.Option("full_context,no_memory", "--method", "-m", help="Methods, comma separated."),
+    model: str = typer.Option("smollm2-135m", "--model", help="smollm2-135m, tiny-random, a local dir or hub id."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="First N examples of each task."),
+    seed: int = typer.Option(0, "--seed"),
+    output: str = typer.Option("runs", "--output", "-o", help="Results directory (resumable)."),
+    include_path: list[str] = typer.Option([], "--include-path", help="Extra folder of task YAMLs."),
+    data: Optional[str] = typer.Option(None, "--data", help="Local data file replacing the task's dataset."),
+    segment_len: Optional[int] = typer.Option(None, "--segment-len", help="LM: tokens per segment."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="LM: truncate each document to N tokens."),
+    memory_budget: Optional[int] = typer.Option(None, "--memory-budget", help="Memory tokens / retrieved tokens."),
+    param: list[str] = typer.Option([], "--param", help="Task parameter override key=value (repeatable)."),
+    method_arg: list[str] = typer.Option([], "--method-arg", help="Method option key=value (repeatable)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Trained adapter directory (r3mem, rmt)."),
+    backend: str = typer.Option("hf", "--backend", help="Generation backend: auto, hf or vllm."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Evaluate methods on tasks; finished examples are kept and skipped on rerun."""
+    from r3mem_bench.report import collect, render
+    from r3mem_bench.runner import RunConfig
+    from r3mem_bench.runner import run as do_run
+
+    overrides = _parse_options(param)
+    if segment_len is not None:
+        overrides["segment_len"] = segment_len
+    if max_tokens is not None:
+        overrides["max_tokens"] = max_tokens
+    if memory_budget is not None:
+        overrides["memory_budget"] = memory_budget
+    cfg = RunConfig(tasks=_split(task), methods=_split(method), model=model, limit=limit, seed=seed, output=output,
+                    include_paths=include_path, data=data, overrides=overrides,
+                    method_options=_parse_options(method_arg), checkpoint=checkpoint, backend=backend,
+                    threads=threads, quiet=quiet)
+    dirs = do_run(cfg)
+    typer.echo(render(collect([str(d) for d in dirs]), "md"))
+
+
+@app.command("list")
+def list_cmd(include_path: list[str] = typer.Option([], "--include-path")) -> None:
+    """Tasks by family, methods (and the families they apply to) and models."""
+    from r3mem_bench.methods import all_methods
+    from r3mem_bench.models import BUILTIN_MODELS
+    from r3mem_bench.task import TaskRegistry
+
+    reg = TaskRegistry(include_path)
+    typer.echo("Tasks")
+    for fam, specs in sorted(reg.families().items()):
+        typer.echo(f"  {fam}:")
+        for s in sorted(specs, key=lambda s: s.name):
+            typer.echo(f"    {s.name}{' (default)' if s.default else ''}  {s.description}")
+    typer.echo("Methods (families they apply to)")
+    for name, cls in all_methods().items():
+        typer.echo(f"  {name}  [{', '.join(cls.families)}]  {cls.description}")
+    typer.echo("Models")
+    for name, desc in BUILTIN_MODELS.items():
+        typer.echo(f"  {name}  {desc}")
+    typer.echo("  <local dir> | <owner/name>  any Hugging Face causal LM")
+
+
+@app.command()
+def report(
+    dirs: list[str] = typer.Argument(..., help="Run output directories."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md, csv, latex or json."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write to this file instead of stdout."),
+) -> None:
+    """Aggregate finished runs into one table."""
+    from pathlib import Path
+
+    from r3mem_bench.report import collect, render
+    from r3mem_bench.store import atomic_write_text
+
+    text = render(collect(dirs), fmt)
+    if out:
+        atomic_write_text(Path(out), text)
+    else:
+        typer.echo(text, nl=False)
+
+
+def _register_extensions() -> None:
+    """Commands defined next to the code they drive (training, suites, regression, exports)."""
+    import importlib
+
+    for mod in ("r3mem_bench.train", "r3mem_bench.suite", "r3mem_bench.regress", "r3mem_bench.lm_eval_export"):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue
+            raise
+        module.register(app)
+
+
+def main() -> None:
+    """Entry point: one-line errors for user mistakes (exit 2), exit 1 for failed checks."""
+    _register_extensions()
+    try:
+        app(standalone_mode=False)
+    except (UserError, CheckFailed) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished examples are saved; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

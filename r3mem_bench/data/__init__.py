@@ -1,0 +1,21 @@
+"""Texts that install with the project (see ``SOURCES.md`` beside this file) and the LM corpus loaders."""
+
+from __future__ import annotations
+
+import gzip
+from importlib import resources
+
+BUNDLED = {
+    "wikitext2_test": "wikitext2_test.txt.gz",
+    "tinyshakespeare": "tinyshakespeare.txt.gz",
+}
+
+
+def bundled_text(name: str) -> str:
+    """The text of a bundled corpus (``wikitext2_test`` or ``tinyshakespeare``)."""
+    from r3mem_bench.errors import UserError
+
+    if name not in BUNDLED:
+        raise UserError(f"bundled text '{name}' does not exist; fix: use one of {sorted(BUNDLED)}")
+    blob = resources.files("r3mem_bench.data").joinpath(BUNDLED[name]).read_bytes()
+    return gzip.decompress(blob).decode("utf-8")

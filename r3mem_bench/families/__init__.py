@@ -1,0 +1,96 @@
+"""Task families: the protocol every method goes through, the loaders and the metrics of each family.
+
+``Family`` is the base: ``default_params`` lists the parameters a task of the family accepts (with defaults and
+types), ``loaders`` maps a YAML ``dataset.loader`` name to a function, ``examples`` loads them, ``evaluate`` runs
+a method over them (calling ``emit(row)`` once per finished example), ``aggregate`` turns rows into metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable
+
+from r3mem_bench.errors import UserError
+
+
+class Family:
+    """Base class of a task family."""
+
+    name: ClassVar[str] = ""
+    default_params: ClassVar[dict[str, Any]] = {}
+    loaders: ClassVar[dict[str, Callable]] = {}
+
+    def check_params(self, params: dict, where: str) -> None:
+        """Reject unknown parameter names and wrong types with a message naming them."""
+        for key, value in params.items():
+            if key not in self.default_params:
+                raise UserError(f"{where}: unknown parameter '{key}' for family '{self.name}'; "
+                                f"fix: use one of {sorted(self.default_params)}")
+            default = self.default_params[key]
+            if default is not None and value is not None:
+                want = type(default)
+                ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+                if want is float and isinstance(value, int) and not isinstance(value, bool):
+                    ok = True
+                if not ok:
+                    raise UserError(f"{where}: parameter '{key}' must be {want.__name__}, got {value!r}")
+
+    def validate_spec(self, spec) -> None:
+        """Check a parsed task YAML against this family."""
+        where = f"task file {spec.source}"
+        self.check_params(spec.params, where)
+        for key, values in spec.sweep.items():
+            if not isinstance(values, list) or not values:
+                raise UserError(f"{where}: sweep '{key}' must be a non-empty list")
+            for v in values:
+                self.check_params({key: v}, where)
+        loader = spec.dataset.get("loader")
+        if loader not in self.loaders:
+            raise UserError(f"{where}: dataset.loader '{loader}' is unknown for family '{self.name}'; "
+                            f"fix: use one of {sorted(self.loaders)}")
+
+    def examples(self, task, data: str | None = None, tokenizer=None) -> list[dict]:
+        """The task's examples (each a dict with a unique string ``id``)."""
+        raise NotImplementedError
+
+    def evaluate(self, task, method, examples: list[dict], emit: Callable[[dict], None], progress=None) -> None:
+        """Run ``method`` over ``examples`` with this family's protocol; ``emit`` each finished row."""
+        raise NotImplementedError
+
+    def aggregate(self, rows: Iterable[dict], params: dict) -> dict[str, float]:
+        """Metrics of a run from its rows."""
+        raise NotImplementedError
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator adding a family to the registry."""
+    _FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _ensure_loaded() -> None:
+    if not _FAMILIES:
+        import r3mem_bench.families.lm  # noqa: F401
+        for mod in ("r3mem_bench.families.rag", "r3mem_bench.families.dialogue"):
+            try:
+                __import__(mod)
+            except ModuleNotFoundError as exc:
+                if exc.name != mod:
+                    raise
+
+
+def get_family(name: str, where: str = "") -> Family:
+    """The family called ``name``."""
+    _ensure_loaded()
+    if name not in _FAMILIES:
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}unknown family '{name}'; fix: use one of {sorted(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+def all_families() -> dict[str, Family]:
+    """All registered families."""
+    _ensure_loaded()
+    return dict(_FAMILIES)

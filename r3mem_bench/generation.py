@@ -1,0 +1,134 @@
+"""Generation backends and the shared prompt template of the QA families.
+
+``Generator`` is the interface (``generate(prompts) -> [Generation]``); ``HFGenerator`` implements it with
+``transformers`` ``generate`` (greedy, batched with left padding, KV cache). A vLLM backend plugs in behind the
+same interface. Prompts go through the tokenizer's chat template when it has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r3mem_bench.models import LoadedModel
+
+DEFAULT_SYSTEM = "Answer the question with a short phrase, using the context when it helps."
+DEFAULT_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}\nAnswer:"
+CLOSED_BOOK_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+@dataclass
+class PromptTemplate:
+    """The prompt every method of a QA task shares (``{context}`` and ``{question}`` placeholders)."""
+
+    template: str = DEFAULT_TEMPLATE
+    closed_book: str = CLOSED_BOOK_TEMPLATE
+    system: str = DEFAULT_SYSTEM
+
+    def render(self, question: str, context: str) -> str:
+        """The user message: the context template when there is context, else the closed-book one."""
+        if context.strip():
+            return self.template.replace("{context}", context).replace("{question}", question)
+        return self.closed_book.replace("{question}", question)
+
+
+@dataclass
+class Generation:
+    """One generated answer and its token counts."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+class Generator:
+    """Interface of a generation backend."""
+
+    name = "base"
+
+    def generate(self, prompts: list[str]) -> list[Generation]:
+        """Greedy answers for user messages ``prompts``."""
+        raise NotImplementedError
+
+
+class HFGenerator(Generator):
+    """Hugging Face ``generate``: greedy, batched, left-padded, KV cache on."""
+
+    name = "hf"
+
+    def __init__(self, lm: LoadedModel, max_new_tokens: int = 32, system: str = DEFAULT_SYSTEM,
+                 max_prompt_tokens: int | None = None, batch_size: int = 8):
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        self.system = system
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens or (lm.max_length - max_new_tokens)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a user message, through the chat template when the tokenizer has one."""
+        tok = self.lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(f"{self.system}\n\n{prompt}", add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:  # keep the end: the question and the answer cue
+            ids = ids[-self.max_prompt_tokens:]
+        return ids
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> list[Generation]:
+        """Greedy answers, batched with left padding."""
+        tok = self.lm.tokenizer
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = [self.encode(p) for p in prompts[start:start + self.batch_size]]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(batch):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                attention[i, width - len(ids):] = 1
+            gen = self.lm.model.generate(
+                input_ids=input_ids.to(self.lm.device), attention_mask=attention.to(self.lm.device),
+                max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+            for i, ids in enumerate(batch):
+                new = gen[i, width:].tolist()
+                if tok.eos_token_id in new:
+                    new = new[: new.index(tok.eos_token_id)]
+                out.append(Generation(tok.decode(new, skip_special_tokens=True).strip(), len(ids), len(new)))
+        return out
+
+
+def make_prompt(params: dict) -> PromptTemplate:
+    """The task's shared prompt template from its params (``prompt_template``, ``system_prompt``)."""
+    return PromptTemplate(
+        template=params.get("prompt_template") or DEFAULT_TEMPLATE,
+        closed_book=params.get("closed_book_template") or CLOSED_BOOK_TEMPLATE,
+        system=params.get("system_prompt") or DEFAULT_SYSTEM,
+    )
+
+
+def make_generator(lm: LoadedModel, params: dict, backend: str = "hf") -> Generator:
+    """The generation backend for a QA task: ``hf``, ``vllm`` or ``auto`` (vLLM when CUDA and vllm exist)."""
+    from r3mem_bench.errors import UserError
+
+    system = params.get("system_prompt") or DEFAULT_SYSTEM
+    max_new = int(params.get("max_new_tokens") or 32)
+    if backend == "auto":
+        import importlib.util
+
+        backend = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    if backend == "hf":
+        return HFGenerator(lm, max_new_tokens=max_new, system=system)
+    if backend == "vllm":
+        try:
+            from r3mem_bench.vllm_backend import VLLMGenerator
+        except ImportError as exc:
+            raise UserError(f"--backend vllm: not available ({exc}); fix: pip install 'r3mem-bench[gpu]' on a CUDA machine") from None
+        return VLLMGenerator(lm, max_new_tokens=max_new, system=system)
+    raise UserError(f"--backend {backend}: unknown; fix: use auto, hf or vllm")

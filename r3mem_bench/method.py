@@ -1,0 +1,119 @@
+"""The ``MemoryMethod`` contract: what every memory module implements, whatever the task family.
+
+A method is built once per (task, run) with the loaded base model and its options, then driven by the task's
+family protocol, which is the only caller:
+
+* **LM streams** (family ``lm``): ``reset()`` at the start of each document, then ``score_segment(ids)`` for each
+  segment of S token ids in order. It returns the negative log-likelihood (nats) of every token of the segment
+  given what the method remembers of the earlier segments, and then lets the method absorb the segment into its
+  memory. ``score_stream(segments)`` loops over it; a method may override it to batch (full_context does).
+  The first token of a document is predicted from the model's document prefix token (``lm.prefix_token_id``).
+* **QA** (families ``rag`` and ``dialogue``): ``reset()``, ``ingest(items)`` with the corpus passages or the
+  dialogue turns in time order (each a :class:`MemoryItem` with optional timestamp), then ``answer(question)``
+  for each question. Prompt-based methods implement ``retrieve(question) -> (context_text, retrieved_ids)`` and
+  inherit ``answer``, which formats the task's shared prompt template and calls the shared generator, so every
+  method is compared with the same model, prompt and decoding.
+* **Costs, for all**: ``tokens_processed`` counts tokens pushed through the base model (prompts, memory slots,
+  segments, summaries: everything the method pays for), ``state_bytes()`` is the size of the memory state the
+  method carries (tensors, stored text and indexes), reported after each document or ingest.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable
+
+import torch
+
+from r3mem_bench.models import LoadedModel
+
+
+@dataclass
+class MemoryItem:
+    """One unit of history or corpus: a passage, a dialogue turn, or a session."""
+
+    id: str
+    text: str
+    timestamp: float | None = None  # seconds since the epoch (dialogue); None for a static corpus
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    """A method's answer to one question and what it cost."""
+
+    text: str
+    retrieved_ids: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    context: str = ""
+
+
+class MemoryMethod(ABC):
+    """Base class of every memory module (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    families: ClassVar[tuple[str, ...]] = ("lm", "rag", "dialogue")
+    description: ClassVar[str] = ""
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, lm: LoadedModel, options: dict[str, Any] | None = None, generator=None, prompt=None):
+        self.lm = lm
+        self.options = dict(options or {})
+        self.generator = generator  # r3mem_bench.generation.Generator, for QA families
+        self.prompt = prompt  # r3mem_bench.generation.PromptTemplate, shared by all methods of a task
+        self.tokens_processed = 0
+        self.seed = 0
+
+    # ---- common -----------------------------------------------------------------------------------------
+    def begin(self, key: str) -> None:
+        """Seed every RNG from the run seed and an example key, so each example is reproducible on resume."""
+        from r3mem_bench.provenance import seed_everything
+
+        seed_everything(self.seed, key)
+
+    def reset(self) -> None:
+        """Forget everything: start a new document, corpus or conversation."""
+
+    def state_bytes(self) -> int:
+        """Bytes of memory state the method currently holds."""
+        return 0
+
+    def config(self) -> dict:
+        """Options that define this method (recorded in the manifest and its config hash)."""
+        return {"name": self.name, **self.options}
+
+    # ---- LM streams ---------------------------------------------------------------------------------------
+    def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """NLL in nats of each token of ``segment_ids`` (LongTensor [S]) given memory; then absorb it. -> [S]."""
+        raise NotImplementedError(f"method '{self.name}' does not score LM streams")
+
+    def score_stream(self, segments: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Score a document's segments in order: a list of [S_i] NLL tensors."""
+        return [self.score_segment(seg) for seg in segments]
+
+    # ---- QA -----------------------------------------------------------------------------------------------
+    def ingest(self, items: Iterable[MemoryItem]) -> None:
+        """Store a corpus or a dialogue history (items in time order)."""
+        raise NotImplementedError(f"method '{self.name}' does not ingest a corpus")
+
+    def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
+        """Context text for ``question`` and the ids of the items it came from."""
+        raise NotImplementedError(f"method '{self.name}' does not retrieve")
+
+    def answer(self, question: str, now: float | None = None) -> Answer:
+        """Answer from retrieved context with the task's shared prompt and generator."""
+        context, ids = self.retrieve(question, now=now)
+        return self.generate_answer(question, context, ids)
+
+    def generate_answer(self, question: str, context: str, ids: list[str]) -> Answer:
+        """Shared last step: format the prompt, generate greedily, count prompt tokens."""
+        text_prompt = self.prompt.render(question=question, context=context)
+        out = self.generator.generate([text_prompt])[0]
+        self.tokens_processed += out.prompt_tokens + out.new_tokens
+        return Answer(text=out.text, retrieved_ids=ids, prompt_tokens=out.prompt_tokens, context=context)
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Total bytes of the given tensors (None ignored)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

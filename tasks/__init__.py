@@ -1,0 +1,1 @@
+"""Builtin task definitions: one YAML per task, grouped by family (lm/, rag/, dialogue/)."""

@@ -1,0 +1,38 @@
+"""Shared fixtures: a seeded tiny random Llama (fast), a temporary cache, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """The ``tiny-random`` model (2 layers, 64 hidden) with the SmolLM2 tokenizer."""
+    from r3mem_bench.models import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``r3mem-bench ARGS`` in a subprocess; returns the completed process (text mode)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "r3mem_bench.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    """The CLI runner (see ``run_cli``)."""
+    return run_cli
