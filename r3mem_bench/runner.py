@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,15 +98,19 @@ def run(cfg: RunConfig) -> list[Path]:
     lm = load_model(cfg.model, threads=cfg.threads)
     versions, commit, host = library_versions(), git_commit(), machine()
     data_id = {"path": cfg.data, "sha256": _file_hash(cfg.data)} if cfg.data else None
-    dirs = []
     examples_cache: dict[str, list[dict]] = {}
-    for task, method_name in cells:
+    prepared = []
+    for task, method_name in cells:  # load and check everything before the first example is evaluated
         family = get_family(task.family)
         if task.name not in examples_cache:
             examples = family.examples(task, cfg.data, lm.tokenizer)
             examples_cache[task.name] = examples[: cfg.limit] if cfg.limit else examples
         examples = examples_cache[task.name]
         method = build_method(cfg, task, method_name, lm)
+        preflight(lm, task, method, examples)
+        prepared.append((task, method_name, family, examples, method))
+    dirs = []
+    for task, method_name, family, examples, method in prepared:
         config = {"task": task.config(), "method": method.config(), "model": cfg.model, "seed": cfg.seed,
                   "data": data_id, "model_info": {k: v for k, v in lm.info.items() if k != "device"}}
         manifest = {"config": config, "config_hash": config_hash(config), "task": task.name, "family": task.family,
@@ -120,11 +125,96 @@ def run(cfg: RunConfig) -> list[Path]:
     return dirs
 
 
+# ---- pre-flight resource check ------------------------------------------------------------------------------
+def available_memory_bytes(device) -> int:
+    """Memory a run can still use on ``device``: free GPU memory, or the OS's MemAvailable for the CPU."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def max_document_tokens(tokenizer, examples: list[dict], max_tokens: int = 0) -> int:
+    """Token count of the longest document (capped at ``max_tokens``); tokenizes only documents that can matter."""
+    best = 0
+    by_size = sorted(examples, key=lambda d: len(d["text"].encode("utf-8")), reverse=True)
+    for doc in by_size:
+        if len(doc["text"].encode("utf-8")) + 1 <= best:  # byte-level BPE: never more tokens than bytes (+1)
+            break
+        best = max(best, len(tokenizer(doc["text"], add_special_tokens=False)["input_ids"]))
+        if max_tokens and best >= max_tokens:
+            return max_tokens
+    return best
+
+
+def lm_forward_plan(lm, task: Task, method, doc_tokens: int) -> tuple[int, int]:
+    """(tokens per sequence, sequences per batch) of the largest forward pass an LM method makes."""
+    from r3mem_bench.methods.reference import FullContext, NoMemory
+
+    seg = min(task.params["segment_len"], max(1, doc_tokens))
+    if isinstance(method, FullContext):
+        return min(method.max_context, doc_tokens + 1), 1
+    if isinstance(method, NoMemory):
+        segments = max(1, -(-doc_tokens // task.params["segment_len"]))
+        return min(1 + method.window + seg, doc_tokens + 1), min(method.batch_size, segments)
+    return 1 + seg + int(task.params.get("memory_budget") or 0), 1
+
+
+def estimate_forward_bytes(lm, tokens: int, batch: int = 1) -> int:
+    """Peak extra bytes of one scoring forward pass: fp32 logits and their log-softmax, plus the KV cache.
+
+    Measured on CPU (tiny-random, 1K-4K tokens): peak RSS grows by 2 x tokens x vocab x 4 bytes, within 1%.
+    """
+    from r3mem_bench.scoring import kv_bytes
+
+    vocab = int(lm.model.config.vocab_size)
+    return batch * (2 * tokens * vocab * 4 + kv_bytes(lm, tokens))
+
+
+def preflight(lm, task: Task, method, examples: list[dict]) -> dict | None:
+    """Refuse, before anything runs, an LM cell that exceeds the model's context or the free memory."""
+    if task.family != "lm" or not examples:
+        return None
+    from r3mem_bench.methods.reference import FullContext
+
+    where = f"{task.name} · {method.name}"
+    if isinstance(method, FullContext) and method.max_context > lm.max_length:
+        raise UserError(f"{where}: max_context={method.max_context} exceeds the model's context of {lm.max_length} "
+                        f"tokens; fix: --method-arg max_context={lm.max_length} or less")
+    doc_tokens = max_document_tokens(lm.tokenizer, examples, task.params.get("max_tokens") or 0)
+    tokens, batch = lm_forward_plan(lm, task, method, doc_tokens)
+    if tokens > lm.max_length and not isinstance(method, FullContext):
+        raise UserError(f"{where}: a forward pass would need {tokens} tokens but the model's context is "
+                        f"{lm.max_length}; fix: lower --segment-len (or the method's window / --memory-budget)")
+    need = estimate_forward_bytes(lm, tokens, batch)
+    have = available_memory_bytes(lm.device)
+    if need > have:
+        raise UserError(f"{where}: estimated peak {need / 2**30:.1f} GiB for a forward pass of {batch} x {tokens} "
+                        f"tokens (longest document {doc_tokens} tokens) but only {have / 2**30:.1f} GiB is free; "
+                        "fix: --max-tokens N or a smaller window (--method-arg max_context=N / batch_size=1)")
+    return {"doc_tokens": doc_tokens, "tokens": tokens, "batch": batch, "bytes": need, "available": have}
+
+
 def _make_output(output: str) -> None:
     try:
         Path(output).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--output {output}: cannot create it ({exc.strerror}); fix: choose a writable directory") from None
+
+
+TEST_DELAY_ENV = "R3MEM_BENCH_TEST_DELAY"
+
+
+def test_delay() -> float:
+    """Test-only hook: seconds to wait before storing each row (``R3MEM_BENCH_TEST_DELAY``, crash-safety tests)."""
+    value = os.environ.get(TEST_DELAY_ENV, "")
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        raise UserError(f"{TEST_DELAY_ENV}={value!r}: not a number of seconds; fix: unset it") from None
 
 
 def _evaluate_cell(cfg: RunConfig, family, task: Task, method, todo: list[dict], store: RunStore) -> None:
@@ -133,8 +223,12 @@ def _evaluate_cell(cfg: RunConfig, family, task: Task, method, todo: list[dict],
 
     stats = {"tokens": 0, "t0": time.perf_counter()}
 
+    delay = test_delay()
+
     def emit(row: dict) -> None:
         row["method"], row["task"] = method.name, task.name
+        if delay:
+            time.sleep(delay)
         store.append(row)
         bar.update(job, advance=1)
 

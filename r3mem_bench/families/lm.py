@@ -108,50 +108,115 @@ def load_text_file(cfg: dict, data: str | None) -> list[dict]:
         raise UserError(f"--data {path}: not UTF-8 text; fix: convert it to UTF-8") from None
 
 
-# Hub corpora that memory papers report on: (dataset path, config name, split, text field, id field).
+# Hub corpora that memory papers report on: dataset path, config name, split, text field, id field, and a filter
+# on the ``meta`` field (proof-pile tags each row's source in ``meta.config``: arxiv, wiki, ...). Upstream schemas:
+# pg19 {short_book_title, publication_date, url, text}; c4 {text, timestamp, url}; proof-pile {text, meta};
+# wikitext-103-raw-v1 {text}, one line per row (articles start at `` = Title = `` lines).
 HF_CORPORA = {
-    "pg19": ("deepmind/pg19", None, "test", "text", "short_book_title"),
-    "c4": ("allenai/c4", "en", "validation", "text", "url"),
-    "proof-pile": ("hoskinson-center/proof-pile", None, "test", "text", None),
-    "arxiv": ("hoskinson-center/proof-pile", None, "test", "text", None),
-    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1", "test", "text", None),
+    "pg19": {"path": "deepmind/pg19", "split": "test", "id_field": "short_book_title"},
+    "c4": {"path": "allenai/c4", "name": "en", "split": "validation", "id_field": "url"},
+    "proof-pile": {"path": "hoskinson-center/proof-pile", "split": "test"},
+    "arxiv": {"path": "hoskinson-center/proof-pile", "split": "test", "meta_filter": {"config": "arxiv"}},
+    "wikitext-103": {"path": "Salesforce/wikitext", "name": "wikitext-103-raw-v1", "split": "test",
+                     "wikitext_lines": True},
 }
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".txt": "text",
+                   ".csv": "csv"}
+
+
+def _meta_matches(meta, want: dict) -> bool:
+    """Whether a row's ``meta`` (a dict, or a JSON string of one) has every key/value of ``want``."""
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in want.items())
+
+
+def _local_files(data_files) -> list[Path] | None:
+    """The files of ``data_files`` when all of them exist on disk (a path, a list, or a {split: paths} dict)."""
+    if not data_files:
+        return None
+    if isinstance(data_files, dict):
+        items = [f for v in data_files.values() for f in ([v] if isinstance(v, str) else v)]
+    else:
+        items = [data_files] if isinstance(data_files, str) else list(data_files)
+    paths = [Path(str(f)).expanduser() for f in items]
+    return paths if paths and all(p.is_file() for p in paths) else None
 
 
 def load_hf(cfg: dict, data: str | None) -> list[dict]:
-    """A corpus through ``datasets``: a preset (pg19, c4, proof-pile, arxiv, wikitext-103) or any path/name."""
+    """A corpus through ``datasets``: a preset (pg19, c4, proof-pile, arxiv, wikitext-103) or any path/name.
+
+    ``data_files`` (YAML) or ``--data`` pointing at local files in the upstream schema loads them with the
+    matching ``datasets`` builder (json, parquet, text, csv) instead of the hub; other keys: ``path``, ``name``,
+    ``split``, ``revision``, ``text_field``, ``id_field``, ``meta_filter``, ``streaming``, ``max_documents``.
+    """
     import datasets
 
-    preset = HF_CORPORA.get(cfg.get("corpus", ""), (None, None, "test", "text", None))
-    path = cfg.get("path") or preset[0]
-    name, split = cfg.get("name", preset[1]), cfg.get("split", preset[2])
-    field, id_field = cfg.get("text_field", preset[3]), cfg.get("id_field", preset[4])
-    data_files = data or cfg.get("data_files")
-    if data_files and not path:
-        path = "json" if str(data_files).endswith((".json", ".jsonl")) else "text"
-    limit = int(cfg.get("max_documents", 0))
+    corpus = cfg.get("corpus")
+    if corpus and corpus not in HF_CORPORA:
+        raise UserError(f"dataset.corpus '{corpus}' is unknown; fix: use one of {sorted(HF_CORPORA)} or set dataset.path")
+    c = {"split": "test", "text_field": "text", **HF_CORPORA.get(corpus or "", {}),
+         **{k: v for k, v in cfg.items() if k not in ("loader", "corpus")}}
+    if data:
+        c["data_files"] = data
+    path, name, split, data_files = c.get("path"), c.get("name"), c["split"], c.get("data_files")
+    local = _local_files(data_files)
+    if local:  # a local copy in the upstream schema: read it with the generic builder, never the hub
+        suffix = local[0].suffixes[-2] if local[0].suffix == ".gz" and len(local[0].suffixes) > 1 else local[0].suffix
+        path, name, split = _LOCAL_BUILDERS.get(suffix, "json"), None, "train"
+        data_files = [str(p) for p in local]
+    if not path:
+        raise UserError("dataset: no `path`, `corpus` or local `data_files`; fix: set one of them in the task YAML")
+    label = f"'{path}'" + (f" ({name})" if name else "") + (f" [data_files={data_files}]" if data_files else "")
     try:
-        ds = datasets.load_dataset(path, name, split=split, data_files=data_files,
-                                   streaming=bool(cfg.get("streaming", False)))
-    except Exception as exc:  # hub unreachable, missing files, bad config
+        ds = datasets.load_dataset(path, name, split=split, data_files=data_files, revision=c.get("revision"),
+                                   streaming=bool(c.get("streaming", False)))
+    except Exception as exc:  # hub unreachable (offline), missing files, script-only dataset, bad config
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise UserError(
-            f"dataset '{path}'{f' ({name})' if name else ''}: cannot load ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); fix: point `dataset.data_files` or --data at "
-            "a local copy in the upstream schema, or set HF_DATASETS_OFFLINE=0 with a reachable hub"
+            f"dataset {label}: cannot load ({type(exc).__name__}: {first}); fix: download it where the hub is "
+            "reachable and point the task at the local copy in the upstream schema (`dataset.data_files: "
+            "/path/file.jsonl|.parquet` in the task YAML, or --data FILE), or unset HF_DATASETS_OFFLINE / "
+            "HF_HUB_OFFLINE with a reachable hub"
         ) from None
-    if cfg.get("corpus") == "wikitext-103" or cfg.get("wikitext_lines"):
-        raw = "".join(row[field] for row in ds)
-        docs = split_wikitext_articles(raw, "wikitext-103")
+    field, id_field, limit = c["text_field"], c.get("id_field"), int(c.get("max_documents", 0) or 0)
+    want = c.get("meta_filter") or {}
+    stem = Path(str(c.get("path") or path)).name
+    if c.get("wikitext_lines"):
+        raw = "".join(_field(row, field, label) for row in ds)
+        docs = split_wikitext_articles(raw, stem)
         return docs[:limit] if limit else docs
     docs = []
     for i, row in enumerate(ds):
-        if field not in row:
-            raise UserError(f"dataset '{path}': rows have no field '{field}'; fix: set dataset.text_field")
-        ident = str(row[id_field]) if id_field and row.get(id_field) else f"{Path(str(path)).name}/{i:05d}"
-        docs.append({"id": ident, "text": row[field]})
+        text = _field(row, field, label)
+        if want and not _meta_matches(row.get("meta"), want):
+            continue
+        ident = str(row[id_field]) if id_field and row.get(id_field) else f"{stem}/{i:05d}"
+        docs.append({"id": ident, "text": text})
         if limit and len(docs) >= limit:
             break
     return docs
+
+
+def _field(row: dict, field: str, label: str) -> str:
+    """The text field of a dataset row, or a UserError naming the field and the dataset."""
+    if not isinstance(row.get(field), str):
+        raise UserError(f"dataset {label}: rows have no text field '{field}' (fields: {sorted(row)}); "
+                        "fix: set dataset.text_field")
+    return row[field]
+
+
+def truncate_text(text: str, tokenizer, max_tokens: int) -> str:
+    """``text`` cut after its first ``max_tokens`` tokens (the exact span a run scores); whole text if 0."""
+    if not max_tokens:
+        return text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= max_tokens:
+        return text
+    return text[: enc["offset_mapping"][max_tokens - 1][1]]
 
 
 def segment_document(text: str, tokenizer, segment_len: int, max_tokens: int = 0):
@@ -185,11 +250,23 @@ class LMFamily(Family):
     def examples(self, task, data: str | None = None, tokenizer=None) -> list[dict]:
         """Documents of the task (``--data`` replaces the dataset with a .txt/.jsonl file)."""
         cfg = task.spec.dataset
-        loader = load_text_file if data else self.loaders[cfg["loader"]]
-        docs = loader(cfg, data)
         p = task.params
         if p["segment_len"] <= 0:
-            raise UserError("--segment-len must be a positive number of tokens")
+            raise UserError(f"--segment-len {p['segment_len']}: must be a positive number of tokens; fix: e.g. 512")
+        for key in ("max_tokens", "min_tokens", "warmup_segments", "max_documents"):
+            if p[key] < 0:
+                raise UserError(f"task parameter {key}={p[key]}: must be >= 0; fix: use 0 (off) or a positive number")
+        if data:  # a user's file: .txt = one document; hub-corpus tasks read other formats in their upstream schema
+            hf_file = cfg["loader"] == "hf" and Path(data).suffix != ".txt"
+            docs = load_hf(cfg, data) if hf_file else load_text_file(cfg, data)
+        else:
+            docs = self.loaders[cfg["loader"]](cfg, data)
+        seen: dict[str, int] = {}
+        for d in docs:  # ids key the resumable store: make repeated titles unique
+            n = seen.get(d["id"], 0)
+            seen[d["id"]] = n + 1
+            if n:
+                d["id"] = f"{d['id']}#{n}"
         if p["min_tokens"] and tokenizer is not None:
             docs = [d for d in docs if len(tokenizer(d["text"], add_special_tokens=False)["input_ids"]) >= p["min_tokens"]]
         docs = [d for d in docs if d["text"].strip()]
