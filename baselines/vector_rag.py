@@ -135,7 +135,8 @@ class VectorRAG(MemoryMethod):
             ids = tok(item.text, add_special_tokens=False)["input_ids"]
             for a, b in token_chunks(len(ids), self.chunk_size, self.chunk_overlap):
                 text = item.text if (a, b) == (0, len(ids)) else tok.decode(ids[a:b])
-                new.append(Chunk(text=text, item_id=item.id, line=_item_line(MemoryItem(item.id, text, meta=item.meta))))
+                line = _item_line(MemoryItem(item.id, text, meta=item.meta))
+                new.append(Chunk(text=text, item_id=item.id, line=line))
         self._add_chunks(new)
 
     def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:

@@ -103,14 +103,33 @@ def report(
     dirs: list[str] = typer.Argument(..., help="Run output directories."),
     fmt: str = typer.Option("md", "--format", "-f", help="md, csv, latex or json."),
     out: Optional[str] = typer.Option(None, "--out", help="Write to this file instead of stdout."),
+    paper: bool = typer.Option(False, "--paper", help="Print the paper report (main, family, position tables) as Markdown."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="Write every paper table as .md, .csv and .tex here."),
+    plots: Optional[str] = typer.Option(None, "--plots", help="Write the figures (PNG and PDF) here."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Method the paired tests compare against."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Suite name/file: list its cells that are missing."),
+    resamples: int = typer.Option(1000, "--resamples", help="Bootstrap and permutation resamples."),
+    bootstrap_seed: int = typer.Option(0, "--bootstrap-seed", help="Seed of the resampling."),
+    ci_unit: str = typer.Option("auto", "--ci-unit", help="LM resampling unit: auto, document or segment."),
+    r3mem_results: str = typer.Option("results/r3mem", "--r3mem-results", help="R3Mem reconstruction JSONs to plot."),
 ) -> None:
-    """Aggregate finished runs into one table."""
+    """Aggregate finished runs into one table, or into the paper's tables and figures."""
     from pathlib import Path
 
     from r3mem_bench.report import collect, render
     from r3mem_bench.store import atomic_write_text
 
-    text = render(collect(dirs), fmt)
+    records = collect(dirs)
+    if paper or tables or plots or reference or suite:
+        from r3mem_bench.report import paper_report
+
+        text = paper_report(records, dirs, paper=paper, tables=tables, plots=plots, reference=reference,
+                            suite=suite, resamples=resamples, seed=bootstrap_seed, ci_unit=ci_unit,
+                            r3mem_results=r3mem_results, echo=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        if not paper:
+            text = render(records, fmt)
+    else:
+        text = render(records, fmt)
     if out:
         atomic_write_text(Path(out), text)
     else:

@@ -1,25 +1,33 @@
 """QA metrics with SQuAD-style normalisation: exact match, token F1, answer containment, retrieval recall.
 
 Normalisation follows the official SQuAD v1.1 evaluation script (lower-case, drop punctuation and the articles
-a/an/the, collapse white space) with one deliberate extension: punctuation is any Unicode punctuation
-character (category P*), not only ASCII ``string.punctuation``, so curly quotes and dashes do not break matches.
+a/an/the, collapse white space; punctuation is deleted, not replaced by a space, so "U.S." matches "US") with
+one deliberate extension: punctuation is ASCII ``string.punctuation`` plus any Unicode punctuation character
+(category P*), so curly quotes and dashes do not break matches. Text is NFKC-normalised first.
 """
 
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from collections import Counter
 
+_ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", flags=re.UNICODE)
 ABSTAIN_PHRASES = ("not mentioned", "no information", "not available", "unanswerable", "cannot be answered",
                    "can't be answered", "unknown", "i don't know", "i do not know", "not specified", "no answer")
 
 
+def _is_punct(ch: str) -> bool:
+    """ASCII ``string.punctuation`` (what the SQuAD script deletes) or any Unicode punctuation (category P*)."""
+    return ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P")
+
+
 def normalize_answer(text: str) -> str:
-    """Lower-case, strip Unicode punctuation and articles, collapse white space."""
+    """Lower-case, delete punctuation (ASCII and Unicode), drop articles, collapse white space."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    text = "".join(ch for ch in text if not _is_punct(ch))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 

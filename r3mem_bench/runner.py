@@ -14,7 +14,7 @@ from r3mem_bench.families import get_family
 from r3mem_bench.methods import get_method_class
 from r3mem_bench.models import load_model
 from r3mem_bench.provenance import git_commit, library_versions, machine
-from r3mem_bench.store import RunStore
+from r3mem_bench.store import RESULTS, RunStore
 from r3mem_bench.task import Task, TaskRegistry, config_hash
 
 
@@ -118,6 +118,7 @@ def run(cfg: RunConfig) -> list[Path]:
                     "git_commit": commit, "machine": host, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         root = cell_dir(cfg.output, task, method_name)
         with RunStore(root, manifest) as store:
+            family.check_rows(store.rows, str(root / RESULTS))
             todo = [ex for ex in examples if ex["id"] not in store.done_ids]
             if todo:
                 _evaluate_cell(cfg, family, task, method, todo, store)
@@ -208,7 +209,7 @@ def _make_output(output: str) -> None:
 TEST_DELAY_ENV = "R3MEM_BENCH_TEST_DELAY"
 
 
-def test_delay() -> float:
+def example_delay_seconds() -> float:
     """Test-only hook: seconds to wait before storing each row (``R3MEM_BENCH_TEST_DELAY``, crash-safety tests)."""
     value = os.environ.get(TEST_DELAY_ENV, "")
     try:
@@ -223,7 +224,7 @@ def _evaluate_cell(cfg: RunConfig, family, task: Task, method, todo: list[dict],
 
     stats = {"tokens": 0, "t0": time.perf_counter()}
 
-    delay = test_delay()
+    delay = example_delay_seconds()
 
     def emit(row: dict) -> None:
         row["method"], row["task"] = method.name, task.name

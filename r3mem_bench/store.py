@@ -53,12 +53,12 @@ def read_rows(path: Path, repair: bool = False) -> list[dict]:
                 os.fsync(fh.fileno())
         data = data[:cut]
     rows, seen = [], set()
-    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise UserError(f"{path}:{n}: corrupt result line; fix: delete that line (its example is redone) "
                             "or remove the file to start over") from None
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
@@ -68,6 +68,19 @@ def read_rows(path: Path, repair: bool = False) -> list[dict]:
         seen.add(row["id"])
         rows.append(row)
     return rows
+
+
+def check_manifest(manifest, where: Path) -> dict:
+    """A parsed ``manifest.json`` with the fields a report needs, or a ``UserError`` naming the file."""
+    try:
+        ok = all(k in manifest for k in ("task", "family", "method", "model", "seed")) \
+            and isinstance(manifest["config"]["task"]["params"], dict)
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{where}: manifest lacks task/family/method/model/seed/config; "
+                        f"fix: delete {Path(where).parent} and rerun it")
+    return manifest
 
 
 class RunStore:
@@ -82,9 +95,8 @@ class RunStore:
     def __enter__(self) -> "RunStore":
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=self.root):  # unique name: two processes never race on it
+                pass
         except OSError as exc:
             raise UserError(f"--output {self.root}: not writable ({exc.strerror}); fix: choose a writable directory") from None
         self._lock = FileLock(str(self.root / ".lock"))

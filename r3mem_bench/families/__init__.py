@@ -18,6 +18,10 @@ class Family:
     name: ClassVar[str] = ""
     default_params: ClassVar[dict[str, Any]] = {}
     loaders: ClassVar[dict[str, Callable]] = {}
+    # Fields every stored row must have and their kinds (see ``check_rows``); lists named in ``row_parallel``
+    # must have equal lengths. Rows edited by hand are checked against this before any number is computed.
+    row_fields: ClassVar[dict[str, str]] = {"id": "str"}
+    row_parallel: ClassVar[tuple[str, ...]] = ()
 
     def check_params(self, params: dict, where: str) -> None:
         """Reject unknown parameter names and wrong types with a message naming them."""
@@ -48,6 +52,21 @@ class Family:
             raise UserError(f"{where}: dataset.loader '{loader}' is unknown for family '{self.name}'; "
                             f"fix: use one of {sorted(self.loaders)}")
 
+    def check_rows(self, rows: Iterable[dict], where: str) -> None:
+        """Refuse rows whose fields are missing or of the wrong kind (a clear error instead of a wrong number)."""
+        for n, row in enumerate(rows, 1):
+            for key, kind in self.row_fields.items():
+                if key not in row:
+                    raise UserError(f"{where}: row {n} ('{row.get('id')}') has no field '{key}'; "
+                                    "fix: delete that row (its example is redone on rerun)")
+                if not _is_kind(row[key], kind):
+                    raise UserError(f"{where}: row {n} ('{row.get('id')}') field '{key}' must be {kind}, got "
+                                    f"{str(row[key])[:40]!r}; fix: delete that row (its example is redone on rerun)")
+            lengths = {key: len(row[key]) for key in self.row_parallel}
+            if len(set(lengths.values())) > 1:
+                raise UserError(f"{where}: row {n} ('{row.get('id')}') has lists of different lengths {lengths}; "
+                                "fix: delete that row (its example is redone on rerun)")
+
     def examples(self, task, data: str | None = None, tokenizer=None) -> list[dict]:
         """The task's examples (each a dict with a unique string ``id``)."""
         raise NotImplementedError
@@ -61,6 +80,25 @@ class Family:
         raise NotImplementedError
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` is of ``kind``: str, count (int >= 0), num (int or float), list[...], dict[num]."""
+    if kind.startswith("list[") and kind.endswith("]"):
+        return isinstance(value, list) and all(_is_kind(v, kind[5:-1]) for v in value)
+    if kind == "dict[num]":  # metric dicts: numbers or null
+        return isinstance(value, dict) and all(v is None or _is_kind(v, "num") for v in value.values())
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "num":
+        return _is_number(value)
+    raise ValueError(f"unknown row field kind {kind!r}")
+
+
 _FAMILIES: dict[str, Family] = {}
 
 
@@ -70,8 +108,13 @@ def register_family(cls: type[Family]) -> type[Family]:
     return cls
 
 
+_BUILTIN_LOADED: list[bool] = []  # non-empty once the builtin family modules were imported
+
+
 def _ensure_loaded() -> None:
-    if not _FAMILIES:
+    # A flag, not ``if not _FAMILIES``: importing one family module directly (e.g. in a test) registers it
+    # first, and the other builtin families must still be imported.
+    if not _BUILTIN_LOADED:
         import r3mem_bench.families.lm  # noqa: F401
         for mod in ("r3mem_bench.families.rag", "r3mem_bench.families.dialogue"):
             try:
@@ -79,6 +122,7 @@ def _ensure_loaded() -> None:
             except ModuleNotFoundError as exc:
                 if exc.name != mod:
                     raise
+        _BUILTIN_LOADED.append(True)
 
 
 def get_family(name: str, where: str = "") -> Family:

@@ -6,6 +6,13 @@ returns each token's NLL given its memory; the first token of a document is pred
 prefix token (recorded in the manifest). Segments before ``warmup_segments`` are fed but not scored.
 Metrics: token perplexity and bits per byte over scored segments, ``ppl_after_first`` over segments 1.., the
 NLL per segment index (position curve), tokens processed, peak memory-state bytes and seconds per segment.
+Bits per byte count the UTF-8 bytes of the scored segments: with ``warmup_segments`` 0 they add up to the
+document (cut after ``max_tokens`` tokens), which is what lm-eval divides by (``r3mem-bench export-lm-eval``).
+
+Documents: bundled offline texts (WikiText-2 test articles, pydoc held-out topics), a user's ``--data`` file
+(``.txt`` = one document, ``.jsonl`` = one per line in ``text``), or hub corpora through ``datasets`` (presets in
+``HF_CORPORA``; ``data_files`` points a task at a local copy in the upstream schema). ``min_tokens`` drops short
+documents while reading (a streamed corpus stops after ``max_documents`` kept ones).
 """
 
 from __future__ import annotations
@@ -146,12 +153,13 @@ def _local_files(data_files) -> list[Path] | None:
     return paths if paths and all(p.is_file() for p in paths) else None
 
 
-def load_hf(cfg: dict, data: str | None) -> list[dict]:
+def load_hf(cfg: dict, data: str | None, keep: Callable[[str], bool] | None = None) -> list[dict]:
     """A corpus through ``datasets``: a preset (pg19, c4, proof-pile, arxiv, wikitext-103) or any path/name.
 
     ``data_files`` (YAML) or ``--data`` pointing at local files in the upstream schema loads them with the
     matching ``datasets`` builder (json, parquet, text, csv) instead of the hub; other keys: ``path``, ``name``,
     ``split``, ``revision``, ``text_field``, ``id_field``, ``meta_filter``, ``streaming``, ``max_documents``.
+    ``keep(text)`` filters documents while reading, so a streamed corpus stops after ``max_documents`` kept ones.
     """
     import datasets
 
@@ -187,12 +195,12 @@ def load_hf(cfg: dict, data: str | None) -> list[dict]:
     stem = Path(str(c.get("path") or path)).name
     if c.get("wikitext_lines"):
         raw = "".join(_field(row, field, label) for row in ds)
-        docs = split_wikitext_articles(raw, stem)
+        docs = [d for d in split_wikitext_articles(raw, stem) if keep is None or keep(d["text"])]
         return docs[:limit] if limit else docs
     docs = []
     for i, row in enumerate(ds):
         text = _field(row, field, label)
-        if want and not _meta_matches(row.get("meta"), want):
+        if (want and not _meta_matches(row.get("meta"), want)) or (keep is not None and not keep(text)):
             continue
         ident = str(row[id_field]) if id_field and row.get(id_field) else f"{stem}/{i:05d}"
         docs.append({"id": ident, "text": text})
@@ -223,7 +231,8 @@ def segment_document(text: str, tokenizer, segment_len: int, max_tokens: int = 0
     """Token ids of ``text`` cut into segments, and the UTF-8 byte count each segment covers."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    if max_tokens:
+    truncated = bool(max_tokens) and len(ids) > max_tokens
+    if truncated:
         ids, offsets = ids[:max_tokens], offsets[:max_tokens]
     char_bytes = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in text])])
     bounds = list(range(0, len(ids), segment_len)) + [len(ids)]
@@ -231,7 +240,7 @@ def segment_document(text: str, tokenizer, segment_len: int, max_tokens: int = 0
     for k in range(len(bounds) - 1):
         a, b = bounds[k], bounds[k + 1]
         last = k == len(bounds) - 2
-        end = int(char_bytes[-1]) if (last and not max_tokens) else int(char_bytes[offsets[b - 1][1]])
+        end = int(char_bytes[-1]) if (last and not truncated) else int(char_bytes[offsets[b - 1][1]])
         segments.append(torch.tensor(ids[a:b], dtype=torch.long))
         seg_bytes.append(end - prev_end)
         prev_end = end
@@ -246,6 +255,10 @@ class LMFamily(Family):
     default_params = {"segment_len": 512, "warmup_segments": 0, "max_tokens": 0, "min_tokens": 0,
                       "memory_budget": 0, "max_documents": 0}
     loaders = {"bundled_text": load_bundled, "pydoc": load_pydoc, "text_file": load_text_file, "hf": load_hf}
+    row_fields = {"id": "str", "segment_nll_sum": "list[num]", "segment_tokens": "list[count]",
+                  "segment_bytes": "list[count]", "tokens_processed": "count", "state_bytes_peak": "count",
+                  "seconds_per_segment": "num"}
+    row_parallel = ("segment_nll_sum", "segment_tokens", "segment_bytes")
 
     def examples(self, task, data: str | None = None, tokenizer=None) -> list[dict]:
         """Documents of the task (``--data`` replaces the dataset with a .txt/.jsonl file)."""
@@ -256,20 +269,26 @@ class LMFamily(Family):
         for key in ("max_tokens", "min_tokens", "warmup_segments", "max_documents"):
             if p[key] < 0:
                 raise UserError(f"task parameter {key}={p[key]}: must be >= 0; fix: use 0 (off) or a positive number")
-        if data:  # a user's file: .txt = one document; hub-corpus tasks read other formats in their upstream schema
-            hf_file = cfg["loader"] == "hf" and Path(data).suffix != ".txt"
-            docs = load_hf(cfg, data) if hf_file else load_text_file(cfg, data)
+
+        def long_enough(text: str) -> bool:
+            if not text.strip():
+                return False
+            return not (p["min_tokens"] and tokenizer is not None) or \
+                len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= p["min_tokens"]
+
+        # a user's file: .txt = one document; hub-corpus tasks read other formats in their upstream schema
+        if cfg["loader"] == "hf" and not (data and Path(data).suffix == ".txt"):
+            limit = p["max_documents"] or int(cfg.get("max_documents", 0) or 0)
+            docs = load_hf({**cfg, "max_documents": limit}, data, keep=long_enough)  # stops early when streaming
         else:
-            docs = self.loaders[cfg["loader"]](cfg, data)
+            docs = load_text_file(cfg, data) if data else self.loaders[cfg["loader"]](cfg, data)
+            docs = [d for d in docs if long_enough(d["text"])]
         seen: dict[str, int] = {}
         for d in docs:  # ids key the resumable store: make repeated titles unique
             n = seen.get(d["id"], 0)
             seen[d["id"]] = n + 1
             if n:
                 d["id"] = f"{d['id']}#{n}"
-        if p["min_tokens"] and tokenizer is not None:
-            docs = [d for d in docs if len(tokenizer(d["text"], add_special_tokens=False)["input_ids"]) >= p["min_tokens"]]
-        docs = [d for d in docs if d["text"].strip()]
         if p["max_documents"]:
             docs = docs[: p["max_documents"]]
         if not docs:

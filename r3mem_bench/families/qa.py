@@ -27,6 +27,9 @@ class QAFamily(Family):
     """Base of the RAG and dialogue families."""
 
     default_params = QA_PARAMS
+    row_fields = {"id": "str", "corpus_id": "str", "prediction": "str", "prompt_tokens": "count",
+                  "tokens_processed": "count", "answer_s": "num", "ingest_s": "num", "ingest_tokens": "count",
+                  "state_bytes": "count", "corpus_tokens": "count", "metrics": "dict[num]"}
 
     def load(self, task, data: str | None) -> tuple[list[dict], dict]:
         """(questions, corpora) of the task; ``--data`` replaces the dataset file."""

@@ -23,6 +23,7 @@ holding the asked needle(s). Output is a pure function of the arguments (``rando
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class _Passage:
     sentences: list[str]
 
 
-def filler_sentences(source: str = "wikitext2_test") -> list[list[str]]:
+@functools.lru_cache(maxsize=4)
+def filler_sentences(source: str = "wikitext2_test") -> tuple[tuple[str, ...], ...]:
     """Sentences of each filler document, in order: WikiText-2 test articles or pydoc topics."""
     if source == "wikitext2_test":
         from r3mem_bench.data import bundled_text
@@ -71,11 +73,11 @@ def filler_sentences(source: str = "wikitext2_test") -> list[list[str]]:
                 if "<unk>" not in s and 4 <= len(s.split()) <= 60:
                     sents.append(s)
         if sents:
-            out.append(sents)
-    return out
+            out.append(tuple(sents))
+    return tuple(out)
 
 
-def _passages(rng: random.Random, docs: list[list[str]], order: list[int], cursor: list[int], n_passages: int,
+def _passages(docs: tuple[tuple[str, ...], ...], order: list[int], cursor: list[int], n_passages: int,
               passage_words: int) -> list[_Passage]:
     """``n_passages`` passages of consecutive sentences, taking documents in ``order`` from ``cursor``."""
     passages: list[_Passage] = []
@@ -122,7 +124,7 @@ def generate(seed: int = 0, n_corpora: int = 8, n_passages: int = 12, passage_wo
     corpora: dict[str, list[MemoryItem]] = {}
     for c in range(n_corpora):
         cid = f"needle-s{seed}-c{c:03d}"
-        passages = _passages(rng, docs, order, cursor, n_passages, passage_words)
+        passages = _passages(docs, order, cursor, n_passages, passage_words)
         filler_text = " ".join(s for p in passages for s in p.sentences)
         used_values: set[str] = set()
 

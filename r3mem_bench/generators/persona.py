@@ -14,8 +14,10 @@ the user are planted in single utterances, the rest is small talk, and questions
 * **adversarial**: an attribute of the user that was never stated, while the friend states the same attribute
   about themselves (a distractor); the right answer is to abstain ("not mentioned").
 
-Friend utterances carry distractor facts of the same kinds (the friend's own dog, city, concert), and sessions
-without planted user facts are pure small talk. Answers are short (names, cities, numbers, jobs) so that a
+Each conversation asks 7 questions: 2 single-hop, 1 multi-hop, 1 temporal, 2 knowledge-update (city and job)
+and 1 adversarial, interleaved by category; which facts are used is drawn per conversation. Friend utterances
+carry distractor facts of the same kinds (the friend's own dog, city, cat, car), and the remaining slots are
+small talk. Answers are short (names, cities, numbers, jobs) so that a
 small chat model can answer when the right turn is in its context. Everything is drawn from
 ``random.Random(f"{seed}:{index}")``, so a conversation depends only on the seed, its index and the sizes.
 """
@@ -113,6 +115,11 @@ class _Plant:
     key: str = ""  # name under which the planted turn's dia_id is recorded
 
 
+def _a(word: str) -> str:
+    """The word with its indefinite article ('a nurse', 'an engineer')."""
+    return f"{'an' if word[0].lower() in 'aeiou' else 'a'} {word}"
+
+
 def _month(d: datetime) -> str:
     return d.strftime("%B %Y")
 
@@ -122,7 +129,7 @@ def human_date(d: datetime) -> str:
     return f"{d.strftime('%I:%M').lstrip('0')} {d.strftime('%p').lower()} on {d.day} {d.strftime('%B, %Y')}"
 
 
-def generate_conversation(seed: int, index: int, sessions: int = 6, turns: int = 8) -> Conversation:
+def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int = 8) -> Conversation:
     """One conversation, a function of (seed, index, sessions, turns) only."""
     if sessions < 3:
         raise UserError(f"persona generator: sessions={sessions} is too few; fix: use at least 3 sessions "
@@ -136,81 +143,90 @@ def generate_conversation(seed: int, index: int, sessions: int = 6, turns: int =
     for _ in range(sessions):  # gaps of 33+ days: every session falls in its own month
         day = day + timedelta(days=rng.randrange(33, 50))
         dates.append(day + timedelta(minutes=rng.randrange(9 * 60, 21 * 60)))
-    last = sessions - 1
     plants: list[_Plant] = []
     questions: list[tuple[str, str, str, list[str], dict]] = []  # (category, question, answer, evidence keys, extra)
+
+    half = turns // 2
+    used: dict[tuple[str, int], int] = {}
 
     def pick(pool: list[str], k: int) -> list[str]:
         return rng.sample(pool, k)
 
-    def sess(lo: int, hi: int) -> int:
-        return rng.randint(lo, hi)
+    def place(speaker: str, n: int = 1) -> list[int]:
+        """``n`` different sessions, in time order, where ``speaker`` still has a free slot."""
+        free = [s for s in range(sessions) if used.get((speaker, s), 0) < half]
+        if len(free) < n:
+            raise UserError(f"persona generator: sessions={sessions} x turns={turns} leaves too few slots for the "
+                            "planted facts; fix: use more turns or sessions (e.g. the default 4 x 8)")
+        chosen = sorted(rng.sample(free, n))
+        for s in chosen:
+            used[(speaker, s)] = used.get((speaker, s), 0) + 1
+        return chosen
 
-    # single-hop: pet name, favourite food, number of children
-    pet, friend_pet, cat = pick(PET_NAMES, 3)
-    plants.append(_Plant("user", f"My dog is called {pet}.", sess(0, last), "pet"))
-    plants.append(_Plant("friend", f"My dog is called {friend_pet}, he is so playful.", sess(0, last)))
-    questions.append(("single-hop", f"What is the name of {user}'s dog?", pet, ["pet"], {}))
-    food = rng.choice(FOODS)
-    plants.append(_Plant("user", f"My favourite food is {food}.", sess(0, last), "food"))
-    questions.append(("single-hop", f"What is {user}'s favourite food?", food, ["food"], {}))
-    kids = rng.randint(2, 5)
-    plants.append(_Plant("user", f"I have {kids} children.", sess(0, last), "kids"))
-    questions.append(("single-hop", f"How many children does {user} have?", str(kids), ["kids"], {}))
-
-    # multi-hop: a relative's name, then (later) where that person lives / what they do
-    sister, brother = rng.choice(SISTERS), rng.choice(BROTHERS)
-    s1 = sess(0, last - 1)
-    plants.append(_Plant("user", f"My sister is called {sister}.", s1, "sister"))
     cities = pick(CITIES, 5)  # sister's, friend's, and up to three of the user's: all different
     jobs = pick(JOBS, 4)  # brother's and up to three of the user's
-    scity = cities[0]
-    plants.append(_Plant("user", f"{sister} lives in {scity} now.", sess(s1 + 1, last), "sister_city"))
-    questions.append(("multi-hop", f"In which city does {user}'s sister live?", scity, ["sister", "sister_city"], {}))
-    s2 = sess(0, last - 1)
-    plants.append(_Plant("user", f"My brother is called {brother}.", s2, "brother"))
-    bjob = jobs[0]
-    plants.append(_Plant("user", f"{brother} works as a {bjob}.", sess(s2 + 1, last), "brother_job"))
-    questions.append(("multi-hop", f"What is the job of {user}'s brother?", bjob, ["brother", "brother_job"], {}))
-
-    # temporal: two concerts and two sports on different sessions; ask about one by its month
-    for kind, pool, template, qtemplate in (
-        ("concert", BANDS, "I went to a concert by {x} today.", "Which band did {u} see in concert in {m}?"),
-        ("sport", SPORTS, "I tried {x} for the first time today.", "Which sport did {u} try for the first time in {m}?"),
-    ):
-        a, b = pick(pool, 2)
-        sa, sb = rng.sample(range(sessions), 2)
-        plants.append(_Plant("user", template.format(x=a), sa, f"{kind}_a"))
-        plants.append(_Plant("user", template.format(x=b), sb, f"{kind}_b"))
-        questions.append(("temporal", qtemplate.format(u=user, m=_month(dates[sa])), a, [f"{kind}_a"], {}))
 
     # knowledge-update: city and job change over time; the latest value wins
     for kind, pool, first, update, qtext in (
         ("city", cities[2:], "I live in {x}.", "I just moved to {x}, so I live in {x} now.",
          "Which city does {u} live in now?"),
-        ("job", jobs[1:], "I work as a {x}.", "I changed jobs, I work as a {x} now.", "What is {u}'s job now?"),
+        ("job", jobs[1:], "I work as {a}.", "I changed jobs, I work as {a} now.", "What is {u}'s job now?"),
     ):
         n_values = 3 if sessions >= 5 and rng.random() < 0.5 else 2
         values = pick(pool, n_values)
-        where = sorted(rng.sample(range(sessions), n_values))
+        where = place("user", n_values)
         keys = [f"{kind}_{i}" for i in range(n_values)]
-        plants.append(_Plant("user", first.format(x=values[0]), where[0], keys[0]))
+        plants.append(_Plant("user", first.format(x=values[0], a=_a(values[0])), where[0], keys[0]))
         for i in range(1, n_values):
-            plants.append(_Plant("user", update.format(x=values[i]), where[i], keys[i]))
+            plants.append(_Plant("user", update.format(x=values[i], a=_a(values[i])), where[i], keys[i]))
         questions.append(("knowledge-update", qtext.format(u=user), values[-1], [keys[-1]],
                           {"stale": values[:-1], "stale_keys": keys[:-1]}))
-    fcity = cities[1]
-    plants.append(_Plant("friend", f"I live in {fcity}, it is lovely there.", sess(0, last)))
 
-    # adversarial: attributes never stated by the user, while the friend states them about themselves
+    # multi-hop: a relative's name, then (in a later session) where that person lives or what they do
+    sister, brother = rng.choice(SISTERS), rng.choice(BROTHERS)
+    s1, s2 = place("user", 2)
+    if rng.random() < 0.5:
+        plants.append(_Plant("user", f"My sister is called {sister}.", s1, "rel"))
+        plants.append(_Plant("user", f"{sister} lives in {cities[0]} now.", s2, "rel_fact"))
+        questions.append(("multi-hop", f"In which city does {user}'s sister live?", cities[0], ["rel", "rel_fact"], {}))
+    else:
+        plants.append(_Plant("user", f"My brother is called {brother}.", s1, "rel"))
+        plants.append(_Plant("user", f"{brother} works as {_a(jobs[0])}.", s2, "rel_fact"))
+        questions.append(("multi-hop", f"What is the job of {user}'s brother?", jobs[0], ["rel", "rel_fact"], {}))
+
+    # temporal: two events of a kind in different sessions (so different months); ask about one by its month
+    for kind, pool, template, qtemplate in rng.sample([
+        ("concert", BANDS, "I went to a concert by {x} today.", "Which band did {u} see in concert in {m}?"),
+        ("sport", SPORTS, "I tried {x} for the first time today.", "Which sport did {u} try for the first time in {m}?"),
+    ], 1):
+        a, b = pick(pool, 2)
+        sa, sb = place("user", 2)
+        if rng.random() < 0.5:
+            sa, sb = sb, sa
+        plants.append(_Plant("user", template.format(x=a), sa, f"{kind}_a"))
+        plants.append(_Plant("user", template.format(x=b), sb, f"{kind}_b"))
+        questions.append(("temporal", qtemplate.format(u=user, m=_month(dates[sa])), a, [f"{kind}_a"], {}))
+
+    # single-hop: two of pet name, favourite food, number of children
+    pet, friend_pet, cat = pick(PET_NAMES, 3)
+    food, kids = rng.choice(FOODS), str(rng.randint(2, 5))
+    single = [("pet", f"My dog is called {pet}.", f"What is the name of {user}'s dog?", pet),
+              ("food", f"My favourite food is {food}.", f"What is {user}'s favourite food?", food),
+              ("kids", f"I have {kids} children.", f"How many children does {user} have?", kids)]
+    for key, text, qtext, answer in rng.sample(single, 2):
+        plants.append(_Plant("user", text, place("user")[0], key))
+        questions.append(("single-hop", qtext, answer, [key], {}))
+
+    # distractors said by the friend about themselves, and adversarial questions about what the user never said
     car = rng.choice(["Toyota", "Volvo", "Honda", "Tesla", "Fiat", "Mazda"])
-    plants.append(_Plant("friend", f"My cat is called {cat}.", sess(0, last)))
-    plants.append(_Plant("friend", f"I drive a {car}.", sess(0, last)))
-    questions.append(("adversarial", f"What is the name of {user}'s cat?", ABSTAIN_ANSWER, [], {}))
-    questions.append(("adversarial", f"Which car brand does {user} drive?", ABSTAIN_ANSWER, [], {}))
+    plants.append(_Plant("friend", f"My dog is called {friend_pet}, he is so playful.", place("friend")[0]))
+    plants.append(_Plant("friend", f"I live in {cities[1]}, it is lovely there.", place("friend")[0]))
+    plants.append(_Plant("friend", f"My cat is called {cat}.", place("friend")[0]))
+    plants.append(_Plant("friend", f"I drive a {car}.", place("friend")[0]))
+    questions.append(rng.choice([("adversarial", f"What is the name of {user}'s cat?", ABSTAIN_ANSWER, [], {}),
+                                 ("adversarial", f"Which car brand does {user} drive?", ABSTAIN_ANSWER, [], {})]))
 
     # lay out: each session has turns/2 exchanges (user, friend); planted utterances take their speaker's slot
-    half = turns // 2
     by_session: dict[int, list[_Plant]] = {}
     for p in plants:
         by_session.setdefault(p.session, []).append(p)
@@ -220,10 +236,6 @@ def generate_conversation(seed: int, index: int, sessions: int = 6, turns: int =
         mine = by_session.get(s, [])
         users = [p for p in mine if p.speaker == "user"]
         friends = [p for p in mine if p.speaker == "friend"]
-        if len(users) > half or len(friends) > half:
-            raise UserError(f"persona generator: turns={turns} leaves too few slots for the planted facts of a "
-                            f"session; fix: use more turns (e.g. turns={2 * max(len(users), len(friends)) + 4}) "
-                            "or more sessions")
         uslots = sorted(rng.sample(range(half), len(users)))
         fslots = sorted(rng.sample(range(half), len(friends)))
         rng.shuffle(users)
@@ -263,7 +275,7 @@ def generate_conversation(seed: int, index: int, sessions: int = 6, turns: int =
                         questions=out_q)
 
 
-def generate(seed: int = 0, conversations: int = 4, sessions: int = 6, turns: int = 8) -> list[Conversation]:
+def generate(seed: int = 0, conversations: int = 8, sessions: int = 4, turns: int = 8) -> list[Conversation]:
     """``conversations`` conversations for ``seed`` (conversation i is the same whatever the count)."""
     if conversations < 1:
         raise UserError(f"persona generator: conversations={conversations}; fix: use at least 1")

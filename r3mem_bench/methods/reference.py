@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -46,7 +47,9 @@ class FullContext(_StreamMethod):
     LM: one forward pass when the document fits ``max_context`` (default: the model's maximum length); beyond it,
     windows of ``max_context`` tokens end at segment boundaries and advance by ``stride`` tokens (default half the
     window), so each token keeps at least ``max_context - stride`` tokens of context, as lm-eval's rolling
-    windows do for their last window. QA: the whole corpus/history in the prompt, truncated from the front.
+    windows do for their last window. The first window (whose tokens see the document start) is sized so that no
+    more windows follow than necessary: a document just over the window costs two forward passes, not three.
+    QA: the whole corpus/history in the prompt, truncated from the front.
     """
 
     name = "full_context"
@@ -72,12 +75,15 @@ class FullContext(_StreamMethod):
             self.tokens_processed += tokens.numel()
         else:
             bounds = torch.cumsum(torch.tensor([s.numel() for s in segments]), 0).tolist()
+            first_end = self._first_window_end(bounds, n)
             done = 0  # tokens scored so far (positions 1..done of `tokens`)
             while done < n:
                 end = next(b for b in bounds if b > done)  # at least the next segment boundary
                 for b in bounds:  # then whole segments while the chunk stays within `stride` tokens
                     if b > end and b - done <= self.stride:
                         end = b
+                if done == 0 and first_end:
+                    end = first_end
                 end = min(end, done + self.max_context - 1)
                 start = max(0, end + 1 - self.max_context)
                 window = tokens[start: end + 1]
@@ -92,6 +98,15 @@ class FullContext(_StreamMethod):
             states.append(kv_bytes(self.lm, min(pos, self.max_context)))
         self._record(segments, time.perf_counter() - t0, states)
         return out
+
+    def _first_window_end(self, bounds: list[int], n: int) -> int:
+        """End of the first window (its tokens see the document start): the smallest segment boundary that fits
+        the window and still needs no more ``stride`` windows after it than the largest one would (0: none fits)."""
+        fits = [b for b in bounds if b < self.max_context]
+        if not fits:
+            return 0
+        need = math.ceil((n - fits[-1]) / self.stride)
+        return next(b for b in fits if math.ceil((n - b) / self.stride) <= need)
 
     def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
         return self.score_stream([segment_ids])[0]

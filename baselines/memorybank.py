@@ -1,0 +1,297 @@
+"""MemoryBank: a per-user long-term memory with LLM summaries, a user portrait and Ebbinghaus forgetting.
+
+Paper: Zhong, Guo, Gao, Ye, Wang, "MemoryBank: Enhancing Large Language Models with Long-Term Memory", AAAI 2024
+(arXiv 2305.10250). Official code: zhongwanjun/MemoryBank-SiliconFriend @ cf61c4196e4cfdb0f2b7a0316249fa40312dc3a9,
+read in ``memory_bank/memory_retrieval/forget_memory.py`` (forgetting curve, strength/recall update, FAISS search,
+memories grouped by date), ``memory_bank/summarize_memory.py`` (the English summary, portrait and overall prompts)
+and ``utils/prompt_utils.py`` (the [memory] + date + personality prompt).
+
+The memory store (one per corpus or conversation, ``self.bank``, a plain JSON-able dict):
+
+* ``memories``: the raw items (dialogue turns or passages) with their timestamp, day (UTC date), memory strength
+  ``S`` (starts at 1) and last-recall time (starts at the item's timestamp).
+* ``days``: per day, an event summary and a personality analysis written by the base model with the official
+  English prompts (``summarize_content_prompt`` / ``summarize_person_prompt``, capped at ``summary_tokens`` new
+  tokens), and ``overall_history`` / ``overall_personality`` (the user portrait) summarising all days
+  (``summarize_overall_prompt`` / ``summarize_overall_personality``). Generation goes through the base model
+  (greedy, the official summariser system prompt); its prompt and output tokens count in ``tokens_processed``.
+* ``save(path)`` / ``load(path)``: the bank as JSON; embeddings are recomputed on load (same embedder).
+
+Forgetting (Ebbinghaus): retention ``R = exp(-t / S)`` with ``t`` the days since the memory was learned or last
+recalled (``(now - last_recall) / 86400``, ``now`` = the question's time) and ``S`` its strength
+(``forgetting=paper``, default). The official code computes ``math.exp(-t / 5*S)`` = ``exp(-t * S / 5)``
+(``forgetting=official``; note it makes strong memories fade faster); ``forgetting=none`` keeps everything.
+Each memory survives a forgetting pass with probability R: a draw ``u ~ U[0, 1)`` from
+``np.random.default_rng([seed, crc32(corpus), day])`` forgets it when ``u > R``, as the official
+``random.random() > retention_probability``. As in the official code, which forgets when it loads the memory
+file, a pass runs once per day of the clock (the first question asked on a new day of ``now``); forgotten items
+are gone for good. Recall: each retrieved memory gets ``S += 1`` and its last-recall time set to ``now``.
+Day summaries are not forgotten on their own (a day's summary is dropped when all its turns are), as in the
+official loader. Items without a timestamp (a static RAG corpus) are never forgotten and have no day
+summaries, so on ``rag`` tasks MemoryBank is dense retrieval over the passages with the official memory format.
+
+Retrieval: all-MiniLM-L6-v2 (the official English embedder, ``minilm-l6``) + FAISS inner product over the live
+raw memories and the day summaries; the ``top_k`` best (default 5; the official ``VECTOR_SEARCH_TOP_K`` is 6)
+are sorted by date like the official ``search_memory`` and put in the prompt with their dates, after the overall
+summary and the user portrait. ``retrieved_ids`` are the item ids (day summaries appear as ``summary:<day>``).
+
+Deviations from the official code: memories are whole items (the official splits turns into sentences with a
+Chinese text splitter and re-merges neighbours up to 200 characters); ``t`` is in fractional days rather than
+calendar-date differences; the base model (SmolLM2) writes the summaries instead of gpt-3.5-turbo (temperature
+0.7, 400 tokens), greedily and shorter; the answer uses the benchmark's shared prompt and generator so all
+methods are compared alike, with MemoryBank's [memory] block as the context.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from r3mem_bench.baselines._retrieval import DenseIndex, embed, embed_dim
+from r3mem_bench.errors import UserError
+from r3mem_bench.method import MemoryItem, MemoryMethod
+from r3mem_bench.methods import register_method
+
+FORGETTING = ("paper", "official", "none")
+DAY = 86400.0
+SUMMARY_SYSTEM = ("Below is a transcript of a conversation between a human and an AI assistant that is intelligent "
+                  "and knowledgeable in psychology.")
+
+
+def retention(t_days: float, strength: float, variant: str = "paper") -> float:
+    """Ebbinghaus retention: ``exp(-t/S)`` (paper), ``exp(-t*S/5)`` (official code) or 1 (none)."""
+    if variant == "none":
+        return 1.0
+    t = max(0.0, float(t_days))
+    if variant == "paper":
+        return math.exp(-t / float(strength))
+    if variant == "official":
+        return math.exp(-t / 5 * float(strength))
+    raise UserError(f"forgetting={variant}: unknown; fix: use one of {', '.join(FORGETTING)}")
+
+
+def day_of(timestamp: float) -> str:
+    """UTC calendar day ``YYYY-MM-DD`` of a timestamp in seconds."""
+    return dt.datetime.fromtimestamp(float(timestamp), tz=dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+# ---- the official English prompts (memory_bank/summarize_memory.py), with our item lines as the dialogue ----
+def content_prompt(lines: list[str]) -> str:
+    """Event summary prompt of one day (``summarize_content_prompt``)."""
+    return ("Please summarize the following dialogue as concisely as possible, extracting the main themes and key "
+            "information. If there are multiple key events, you may summarize them separately. Dialogue content:\n"
+            + "".join(f"\n{line}" for line in lines) + "\nSummarization：")
+
+
+def person_prompt(lines: list[str], user: str, bot: str = "AI") -> str:
+    """Personality prompt of one day (``summarize_person_prompt``)."""
+    return (f"Based on the following dialogue, please summarize {user}'s personality traits and emotions, and devise "
+            f"response strategies based on your speculation. Dialogue content:\n" + "".join(f"\n{x}" for x in lines)
+            + f"\n{user}'s personality traits, emotions, and {bot}'s response strategy are:")
+
+
+def overall_history_prompt(days: list[tuple[str, str]]) -> str:
+    """Overall event summary prompt (``summarize_overall_prompt``)."""
+    return ("Please provide a highly concise summary of the following event, capturing the essential key "
+            "information as succinctly as possible. Summarize the event:\n"
+            + "".join(f"At {d}, the events are {s.strip()}" for d, s in days) + "\nSummarization：")
+
+
+def overall_personality_prompt(days: list[tuple[str, str]]) -> str:
+    """User portrait prompt (``summarize_overall_personality``)."""
+    return ("The following are the user's exhibited personality traits and emotions throughout multiple dialogues, "
+            "along with appropriate response strategies for the current situation:"
+            + "".join(f"\nAt {d}, the analysis shows {s.strip()}" for d, s in days)
+            + "\nPlease provide a highly concise and general summary of the user's personality and the most "
+              "appropriate response strategy for the AI lover, summarized as:")
+
+
+@register_method
+class MemoryBank(MemoryMethod):
+    """Dated memories + LLM day summaries and user portrait, Ebbinghaus forgetting, MiniLM/FAISS recall."""
+
+    name = "memorybank"
+    families = ("rag", "dialogue")
+    description = "MemoryBank: dated memories, LLM summaries + portrait, Ebbinghaus forgetting, FAISS recall"
+
+    def __init__(self, lm, options=None, generator=None, prompt=None):
+        super().__init__(lm, options, generator, prompt)
+        o = self.options
+        self.forgetting = str(o.get("forgetting", "paper"))
+        retention(0.0, 1.0, self.forgetting)  # validates the name
+        self.top_k = int(o.get("top_k", 5))
+        self.summaries = str(o.get("summaries", "on")).lower() not in ("off", "0", "false", "no")
+        self.summary_tokens = int(o.get("summary_tokens", 64))
+        self.summary_prompt_tokens = int(o.get("summary_prompt_tokens", 1536))
+        self.budget = int(o.get("memory_budget") or 0)
+        self.key = ""
+        self._summarizer = None
+        self.reset()
+
+    # ---- store -------------------------------------------------------------------------------------------
+    def begin(self, key: str) -> None:
+        """Seed the global RNGs and remember the key (the corpus key seeds forgetting)."""
+        super().begin(key)
+        self.key = key
+
+    def reset(self) -> None:
+        """An empty bank."""
+        self.bank: dict = {"version": 1, "corpus": "", "forgetting": self.forgetting, "memories": [], "days": {},
+                           "overall_history": "", "overall_personality": "", "last_forget_day": None}
+        self.docs: list[dict] = []  # indexed documents: {"id", "text", "line", "day", "kind"}
+        self.vectors = np.zeros((0, embed_dim()), dtype=np.float32)
+        self.index = DenseIndex(embed_dim())
+
+    def _summarize(self, prompt: str) -> str:
+        """One greedy summary from the base model (capped), counted in ``tokens_processed``."""
+        from r3mem_bench.generation import HFGenerator
+
+        if self._summarizer is None:
+            self._summarizer = HFGenerator(self.lm, max_new_tokens=self.summary_tokens, system=SUMMARY_SYSTEM,
+                                           max_prompt_tokens=self.summary_prompt_tokens, batch_size=1)
+        out = self._summarizer.generate([prompt])[0]
+        self.tokens_processed += out.prompt_tokens + out.new_tokens
+        return out.text
+
+    def ingest(self, items) -> None:
+        """Store the items, write day summaries, personalities and the overall summary/portrait, index all."""
+        self.bank["corpus"] = self.bank["corpus"] or self.key
+        by_day: dict[str, list[str]] = {}
+        speakers: list[str] = []
+        for item in items:
+            day = day_of(item.timestamp) if item.timestamp is not None else None
+            self.bank["memories"].append({
+                "id": item.id, "text": item.text, "timestamp": item.timestamp, "day": day,
+                "date": item.meta.get("date") or day, "strength": 1.0, "last_recall": item.timestamp,
+                "speaker": item.meta.get("speaker"), "forgotten": False})
+            if day is not None:
+                by_day.setdefault(day, []).append(item.text)
+            sp = item.meta.get("speaker")
+            if sp and sp not in speakers:
+                speakers.append(sp)
+        if self.summaries and by_day:
+            user = " and ".join(speakers) or "the user"
+            for day, lines in by_day.items():
+                entry = self.bank["days"].setdefault(day, {})
+                entry["summary"] = self._summarize(content_prompt(lines))
+                entry["personality"] = self._summarize(person_prompt(lines, user))
+            days = sorted(self.bank["days"].items())
+            self.bank["overall_history"] = self._summarize(overall_history_prompt(
+                [(d, e["summary"]) for d, e in days]))
+            self.bank["overall_personality"] = self._summarize(overall_personality_prompt(
+                [(d, e["personality"]) for d, e in days]))
+        self._rebuild(reembed=True)
+
+    def _documents(self) -> list[dict]:
+        """The retrievable documents: live memories and the summaries of days that still have memories."""
+        docs, live_days = [], set()
+        for m in self.bank["memories"]:
+            if m["forgotten"]:
+                continue
+            live_days.add(m["day"])
+            prefix = f"Conversation content on {m['date']}:" if m["date"] else ""
+            docs.append({"id": m["id"], "text": f"{prefix} {m['text']}".strip(), "day": m["day"], "kind": "memory",
+                         "line": f"[{m['date']}] {m['text']}" if m["date"] else m["text"]})
+        for day, entry in sorted(self.bank["days"].items()):
+            if day in live_days and entry.get("summary"):
+                docs.append({"id": f"summary:{day}", "day": day, "kind": "summary",
+                             "text": f"The summary of the conversation on {day} is: {entry['summary']}",
+                             "line": f"[{day}] (summary) {entry['summary']}"})
+        return docs
+
+    def _rebuild(self, reembed: bool = False) -> None:
+        """Re-index the live documents (embeddings are cached by document id)."""
+        docs = self._documents()
+        cache = {} if reembed else {d["id"]: v for d, v in zip(self.docs, self.vectors)}
+        missing = [d for d in docs if d["id"] not in cache]
+        if missing:
+            for d, v in zip(missing, embed([d["text"] for d in missing])):
+                cache[d["id"]] = v
+        self.docs = docs
+        self.vectors = np.stack([cache[d["id"]] for d in docs]) if docs else np.zeros((0, embed_dim()), np.float32)
+        self.index = DenseIndex(embed_dim())
+        self.index.add(self.vectors)
+
+    # ---- forgetting and recall -----------------------------------------------------------------------------
+    def forget(self, now: float) -> list[str]:
+        """One forgetting pass at time ``now`` (seconds): drop each dated memory with probability 1 - R."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(str(self.bank["corpus"]).encode()), int(now // DAY)])
+        gone = []
+        for m in self.bank["memories"]:
+            if m["forgotten"] or m["last_recall"] is None:
+                continue
+            r = retention((now - m["last_recall"]) / DAY, m["strength"], self.forgetting)
+            if rng.random() > r:
+                m["forgotten"] = True
+                gone.append(m["id"])
+        self.bank["last_forget_day"] = int(now // DAY)
+        if gone:
+            self._rebuild()
+        return gone
+
+    def recall(self, ids: list[str], now: float | None) -> None:
+        """Strengthen recalled memories: ``S += 1`` and the last-recall time becomes ``now``."""
+        wanted = set(ids)
+        for m in self.bank["memories"]:
+            if m["id"] in wanted:
+                m["strength"] += 1.0
+                if now is not None and m["last_recall"] is not None:
+                    m["last_recall"] = float(now)
+
+    def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
+        """Forget (once per day of ``now``), recall the top-k memories by date, format the [memory] block."""
+        if now is not None and self.forgetting != "none" and self.bank["last_forget_day"] != int(now // DAY):
+            self.forget(float(now))
+        hits = self.index.search(embed([question])[0], self.top_k) if question.strip() else []
+        picked = [self.docs[i] for i, _ in hits]
+        if self.budget:
+            tok, kept, used = self.lm.tokenizer, [], 0
+            for d in picked:
+                n = len(tok(d["line"], add_special_tokens=False)["input_ids"]) + 1
+                if used + n > self.budget:
+                    break
+                kept.append(d)
+                used += n
+            picked = kept
+        self.recall([d["id"] for d in picked if d["kind"] == "memory"], now)
+        picked = sorted(picked, key=lambda d: (d["day"] or "", d["kind"] != "summary"))  # by date, as official
+        parts = []
+        if self.bank["overall_history"]:
+            parts.append(f"Summary of past events: {self.bank['overall_history']}")
+        if self.bank["overall_personality"]:
+            parts.append(f"User portrait and response strategy: {self.bank['overall_personality']}")
+        if picked:
+            parts.append("Relevant [memory]:\n" + "\n".join(d["line"] for d in picked))
+            dates = list(dict.fromkeys(d["day"] for d in picked if d["day"]))
+            if dates:
+                parts.append(f"The date of this [memory] is {', '.join(dates)}.")
+        return "\n".join(parts), [d["id"] for d in picked]
+
+    # ---- persistence and costs ------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the bank (memories, strengths, summaries, portrait) as JSON."""
+        Path(path).write_text(json.dumps(self.bank, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    def load(self, path) -> None:
+        """Read a bank written by ``save`` and re-index it."""
+        try:
+            bank = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"memory bank {path}: cannot read it ({exc}); fix: give a file written by save()") from None
+        if not isinstance(bank, dict) or bank.get("version") != 1 or "memories" not in bank:
+            raise UserError(f"memory bank {path}: not a MemoryBank file; fix: give a file written by save()")
+        self.bank = bank
+        self._rebuild(reembed=True)
+
+    def items(self) -> list[MemoryItem]:
+        """The live memories as items."""
+        return [MemoryItem(m["id"], m["text"], m["timestamp"]) for m in self.bank["memories"] if not m["forgotten"]]
+
+    def state_bytes(self) -> int:
+        """JSON bank (text, summaries, strengths) + FAISS index (its float32 vectors)."""
+        return len(json.dumps(self.bank, ensure_ascii=False).encode()) + self.index.nbytes()

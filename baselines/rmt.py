@@ -1,0 +1,360 @@
+"""Recurrent Memory Transformer (RMT) for decoder-only models, trainable with ``r3mem-bench train --method rmt``.
+
+Papers: Bulatov, Kuratov, Burtsev, "Recurrent Memory Transformer", NeurIPS 2022 (arXiv 2207.06881); Bulatov et al.,
+"Scaling Transformer to 1M tokens and beyond with RMT" (arXiv 2304.11062). Official code:
+booydar/recurrent-memory-transformer, read at
+
+* ``framework_accel`` (default branch) @ 9d0ebe1778687995697fe68e886bc1dcf0e45e1c: ``modeling_rmt/language_modeling.py``
+  (``MemoryCell``: learned memory ``randn(M, H) * std(token embeddings)``, input ``[mem, segment, mem]``, new
+  memory = last-layer hidden states at the last M positions; ``RecurrentWrapper``: segments in order, memory
+  carried), ``run_finetuning_lm_rmt.py`` (LoRA on a frozen backbone, only ``memory``/``lora`` parameters trained)
+  and ``scripts/wikitext/finetune_wikitext_short_lora_curriculum_rmt.sh`` (segment-count curriculum 2..7, each
+  stage starting from the previous stage's checkpoint, BPTT depth ``k2 = 4``).
+* ``babilong-release`` @ 5a3d0722a10dc874b69075d74a8f66bffb957c2d: same file. Its ``manage_gradients`` *returns*
+  the detached memory and the caller uses it; on the default branch the detached tensor is assigned to a local
+  variable and dropped, so no truncation happens there. This module follows the released babilong behaviour:
+  in a sample of n segments the memory written by segment i (i >= 1) is detached when ``i + k2 <= n``, so
+  gradients flow through the last ``k2`` memory transitions only (``k2 = -1``: full BPTT).
+
+What this adapter does (``rmt``):
+
+* Segment layout ``[sink][mem_read (M)][segment (S)][mem_write (M)]``; read and write slots carry the same memory
+  vectors, as in the official cell. The first token of a segment is predicted from the last read slot; the
+  memory for the next segment is the final (normed) hidden state at the M write positions.
+* Deviations, both from measured facts on SmolLM2 (``../shared/design/r3mem.md``): (1) a real token (the model's
+  document prefix token) is kept at position 0 as an attention sink, ahead of the memory; (2) the written
+  memory is rescaled to the mean norm of the token-embedding rows (direction kept), because last-layer states
+  fed back as input embeddings as they are wreck the model (PPL 856 vs 39 in the probe). The official code
+  feeds them back unscaled (GPT-2 / GPT-NeoX backbones).
+* Training (``training_losses``): token NLL of every segment given the memory carried from the previous ones
+  (the official LM script scores only the last segment of each sample; scoring all of them gives n times the
+  signal per step on a CPU budget), BPTT truncation as above, and a segment-count curriculum inside one run:
+  the stages of ``curriculum`` (default 2, 3, ..., ``--segments`` segments per sample) share the step budget
+  (``--steps``) equally; the official script runs each stage as a separate job warm-started from the previous.
+* LoRA on the frozen base model (peft; defaults r 8, alpha 16, no dropout, every linear layer: the same
+  adapter settings as R3Mem's, so the two are trained alike) plus the memory embedding are the trainable
+  parameters, at one learning rate as in the official script (its LoRA default is r 8, alpha 32); the base
+  model of the run is deep-copied first, so other methods of the same process keep the plain model.
+* ``rmt_reset``: the same adapter and memory initialisation, memory re-initialised at every segment; the
+  difference to ``rmt`` is what the recurrent memory itself contributes.
+
+QA families: the corpus or dialogue history is read recurrently (items in order, each line with its date when it
+has one, cut into segments of the checkpoint's segment length) into the memory; the answer is generated greedily
+from ``[first prompt token][memory][rest of the shared chat prompt]`` with the task's closed-book template, so
+everything the model knows about the corpus comes through the M memory vectors. No item ids are retrieved.
+
+Costs: ``tokens_processed`` counts every position pushed through the model (sink, 2M slots, segment tokens;
+prompt, slots and generated tokens for QA); ``state_bytes`` is the memory tensor (M x H floats).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from r3mem_bench.errors import UserError
+from r3mem_bench.method import Answer, MemoryMethod, tensor_bytes
+from r3mem_bench.methods import register_method
+from r3mem_bench.methods.reference import _item_line
+from r3mem_bench.scoring import token_nll
+
+CONFIG_FILE = "rmt_config.json"
+MEMORY_FILE = "memory.safetensors"
+ADAPTER_DIR = "adapter"
+SHIPPED = Path(__file__).resolve().parents[1] / "results" / "checkpoints"
+
+
+def _int_list(value) -> list[int]:
+    """``"2,3,4"`` or ``[2, 3, 4]`` -> ``[2, 3, 4]``."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(v) for v in str(value).replace(" ", "").split(",") if v]
+
+
+def truncate_gradient(seg_num: int, n_segments: int, k2: int) -> bool:
+    """Whether the memory written by segment ``seg_num`` is detached (babilong-release ``manage_gradients``)."""
+    return not (seg_num == 0 or k2 in (-1, 0) or seg_num + k2 > n_segments)
+
+
+def _checkpoint_config(path: Path) -> dict:
+    """The RMT settings JSON of a checkpoint directory; unreadable or malformed is a ``UserError``."""
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"--checkpoint {path}: {CONFIG_FILE} is unreadable ({type(exc).__name__}); fix: give a "
+                        "directory written by `r3mem-bench train --method rmt`") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--checkpoint {path}: {CONFIG_FILE} is not a JSON object; fix: retrain")
+    return cfg
+
+
+@register_method
+class RMT(MemoryMethod):
+    """Recurrent memory tokens ``[sink, mem, segment, mem]`` with a LoRA-adapted base model (Bulatov et al.)."""
+
+    name = "rmt"
+    families = ("lm", "rag", "dialogue")
+    description = "Recurrent Memory Transformer: M memory tokens carried across segments (LoRA + learned memory)"
+    trainable = True
+    carry_memory = True
+
+    def __init__(self, lm, options=None, generator=None, prompt=None):
+        super().__init__(lm, options, generator, prompt)
+        o = self.options
+        ckpt = self._checkpoint_dir(o.get("checkpoint"))
+        saved = _checkpoint_config(ckpt) if ckpt else {}
+        self.num_mem = int(saved.get("num_mem_tokens", o.get("num_mem_tokens", 16)))
+        self.segment_len = int(o.get("segment_len", saved.get("segment_len", 128)))
+        self.k2 = int(o.get("k2", saved.get("k2", 4)))
+        train_segments = int(o.get("train_segments", 4))
+        default_stages = ",".join(str(n) for n in range(min(2, train_segments), train_segments + 1))
+        self.curriculum = _int_list(o.get("curriculum", saved.get("curriculum", default_stages)))
+        self.lora = {"r": int(saved.get("lora_r", o.get("lora_r", 8))),
+                     "alpha": int(saved.get("lora_alpha", o.get("lora_alpha", 16))),
+                     "dropout": float(saved.get("lora_dropout", o.get("lora_dropout", 0.0))),
+                     "targets": saved.get("lora_targets", o.get("lora_targets", "all-linear"))}
+        self.batch_size = int(o.get("batch_size", 4))
+        self.total_steps = int(o.get("train_steps", 0))
+        self._build()
+        self.checkpoint_id = ""
+        if ckpt:
+            self.load_checkpoint(ckpt)
+        self.train_step = 0
+        self.reset()
+
+    # ---- model -------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        base = copy.deepcopy(self.lm.model)
+        cfg = LoraConfig(r=self.lora["r"], lora_alpha=self.lora["alpha"], lora_dropout=self.lora["dropout"],
+                         target_modules=self.lora["targets"], bias="none", task_type="CAUSAL_LM")
+        self.peft = get_peft_model(base, cfg)
+        self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
+        self.decoder = self.body.get_decoder()
+        self.head = self.body.get_output_embeddings()
+        emb = self.body.get_input_embeddings().weight.detach()
+        hidden = emb.shape[1]
+        init = torch.randn((self.num_mem, hidden)) * emb.float().std()  # global RNG: the trainer seeds it
+        self.memory = torch.nn.Parameter(init.to(emb.device, emb.dtype))
+        self.emb_norm = float(emb.float().norm(dim=-1).mean())
+        self.peft.eval()
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """LoRA weights and the memory embedding by stable name (the base model stays frozen)."""
+        params = {n: p for n, p in self.peft.named_parameters() if "lora_" in n}
+        params["rmt.memory"] = self.memory
+        return params
+
+    def train(self, mode: bool = True) -> RMT:
+        """Switch dropout on (training) or off (evaluation) and enable gradients on the trainable weights."""
+        self.peft.train(mode)
+        for p in self.trainable_parameters().values():
+            p.requires_grad_(mode)
+        return self
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body.get_input_embeddings()(ids.to(self.lm.device))
+
+    def _sink(self, batch: int) -> torch.Tensor:
+        return self._embed(torch.full((batch, 1), self.lm.prefix_token_id, dtype=torch.long))
+
+    def initial_memory(self, batch: int = 1) -> torch.Tensor:
+        """The learned memory, repeated for a batch: [B, M, H]."""
+        return self.memory.unsqueeze(0).expand(batch, -1, -1)
+
+    def cell(self, seg_ids: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment [B, S] with memory [B, M, H] -> (logits [B, S, V] predicting each token, new memory)."""
+        b, s = seg_ids.shape
+        m = self.num_mem
+        x = torch.cat([self._sink(b), memory, self._embed(seg_ids), memory], dim=1)
+        hidden = self.decoder(inputs_embeds=x).last_hidden_state  # [B, 1 + 2M + S, H], after the final norm
+        logits = self.head(hidden[:, m: m + s])  # position m (last read slot) predicts the first token
+        written = hidden[:, -m:]
+        new_memory = F.normalize(written.float(), dim=-1).to(written.dtype) * self.emb_norm
+        return logits, new_memory
+
+    # ---- LM streams ----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start from the learned memory."""
+        self.state: torch.Tensor | None = None
+
+    def state_bytes(self) -> int:
+        """The carried memory: M x H floats."""
+        return tensor_bytes(self.memory)
+
+    @torch.no_grad()
+    def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """NLL of the segment given the carried memory; then write the segment into the memory."""
+        memory = self.state if (self.state is not None and self.carry_memory) else self.initial_memory(1)
+        seg = segment_ids.view(1, -1).to(self.lm.device)
+        logits, new_memory = self.cell(seg, memory)
+        self.tokens_processed += 1 + 2 * self.num_mem + seg.shape[1]
+        self.state = new_memory
+        return token_nll(logits, seg)[0].cpu()
+
+    def score_stream(self, segments: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Score segments in order, recording per-segment time and state bytes."""
+        t0 = time.perf_counter()
+        out = [self.score_segment(seg) for seg in segments]
+        self.segment_seconds = [(time.perf_counter() - t0) / max(1, len(segments))] * len(segments)
+        self.segment_state_bytes = [self.state_bytes()] * len(segments)
+        return out
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def n_segments_now(self, available: int) -> int:
+        """Segments per sample at the current step of the curriculum (stages share the step budget equally)."""
+        stages = self.curriculum or [available]
+        if self.total_steps > 0:
+            stage = min(len(stages) - 1, self.train_step * len(stages) // self.total_steps)
+        else:
+            stage = len(stages) - 1
+        return max(1, min(available, stages[stage]))
+
+    def training_losses(self, segments) -> dict[str, torch.Tensor]:
+        """Mean token NLL over the sample's segments with recurrent memory and truncated BPTT (k2)."""
+        segs = self._as_segments(segments)
+        n = self.n_segments_now(len(segs))
+        segs = segs[:n]
+        memory = self.initial_memory(segs[0].shape[0])
+        total, count = 0.0, 0
+        for i, seg in enumerate(segs):
+            if not self.carry_memory:
+                memory = self.initial_memory(seg.shape[0])
+            logits, new_memory = self.cell(seg, memory)
+            nll = token_nll(logits, seg.to(logits.device))
+            total = total + nll.sum()
+            count += nll.numel()
+            self.tokens_processed += seg.shape[0] * (1 + 2 * self.num_mem + seg.shape[1])
+            if truncate_gradient(i, n, self.k2):
+                new_memory = new_memory.detach()
+            memory = new_memory
+        self.train_step += 1
+        loss = total / max(1, count)
+        return {"loss": loss, "nll": loss.detach(), "n_segments": torch.tensor(float(n))}
+
+    @staticmethod
+    def _as_segments(segments) -> list[torch.Tensor]:
+        """Segments as a list of [B, S] LongTensors (accepts [S] items, [B, S] items or one [B, n, S] tensor)."""
+        if isinstance(segments, torch.Tensor):
+            if segments.dim() == 2:
+                segments = segments.unsqueeze(0)
+            return [segments[:, i] for i in range(segments.shape[1])]
+        out = [s if s.dim() == 2 else s.view(1, -1) for s in segments]
+        if not out:
+            raise UserError("rmt training: empty sample; fix: give samples of at least one segment")
+        return out
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def _checkpoint_dir(self, given) -> Path | None:
+        """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model, if any."""
+        if given:
+            path = Path(given)
+            if not (path / CONFIG_FILE).is_file():
+                raise UserError(f"--checkpoint {path}: no {CONFIG_FILE} there, so it is not an RMT checkpoint; "
+                                "fix: give a directory written by `r3mem-bench train --method rmt`")
+            return path
+        if self.options.get("untrained"):
+            return None
+        shipped = SHIPPED / f"{self.name.split('_')[0]}-{self.lm.name}"
+        return shipped if (shipped / CONFIG_FILE).is_file() else None
+
+    def save_checkpoint(self, directory, meta: dict | None = None) -> None:
+        """Write the LoRA adapter, the memory embedding, the RMT settings and ``meta`` to ``directory``."""
+        from safetensors.torch import save_file
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.peft.save_pretrained(str(path / ADAPTER_DIR))
+        save_file({"memory": self.memory.detach().cpu().contiguous()}, str(path / MEMORY_FILE))
+        cfg = {"method": "rmt", "base_model": self.lm.name, "num_mem_tokens": self.num_mem,
+               "segment_len": self.segment_len, "k2": self.k2, "curriculum": self.curriculum,
+               "lora_r": self.lora["r"], "lora_alpha": self.lora["alpha"], "lora_dropout": self.lora["dropout"],
+               "lora_targets": self.lora["targets"], **(meta or {})}
+        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    def load_checkpoint(self, directory) -> None:
+        """Load the LoRA adapter and memory embedding written by ``save_checkpoint``."""
+        from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        cfg = _checkpoint_config(path)
+        if cfg.get("base_model") and cfg["base_model"] != self.lm.name:
+            raise UserError(f"--checkpoint {path}: trained on '{cfg['base_model']}', not '{self.lm.name}'; "
+                            f"fix: run with --model {cfg['base_model']} or train a checkpoint for this model")
+        try:
+            memory = load_file(str(path / MEMORY_FILE))["memory"]
+        except (OSError, KeyError, SafetensorError) as exc:
+            raise UserError(f"--checkpoint {path}: cannot read {MEMORY_FILE} ({type(exc).__name__}: {exc}); "
+                            "fix: give a directory written by `r3mem-bench train --method rmt`") from None
+        if tuple(memory.shape) != tuple(self.memory.shape):
+            raise UserError(f"--checkpoint {path}: memory shape {tuple(memory.shape)} does not fit "
+                            f"{tuple(self.memory.shape)}; fix: use the checkpoint's num_mem_tokens and base model")
+        adapter = path / ADAPTER_DIR
+        weights = adapter / "adapter_model.safetensors"
+        try:
+            set_peft_model_state_dict(self.peft, load_file(str(weights)))
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            first = str(exc).strip().splitlines()
+            raise UserError(f"--checkpoint {path}: its LoRA adapter does not fit this model or is unreadable "
+                            f"({first[-1].strip()[:160] if first else type(exc).__name__}); fix: use the checkpoint's "
+                            "base model and lora settings, or retrain") from None
+        with torch.no_grad():
+            self.memory.copy_(memory.to(self.memory.device, self.memory.dtype))
+        digest = hashlib.sha256(weights.read_bytes() + (path / MEMORY_FILE).read_bytes()).hexdigest()[:16]
+        self.checkpoint_id = f"{path}@{digest}"
+
+    def config(self) -> dict:
+        """Options plus the resolved checkpoint (path and content hash) and architecture settings."""
+        return {"name": self.name, **self.options, "checkpoint_id": self.checkpoint_id, "num_mem_tokens": self.num_mem,
+                "lora": self.lora, "carry_memory": self.carry_memory}
+
+    # ---- QA ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ingest(self, items) -> None:
+        """Read the items (dated lines, in order) recurrently into the memory, one segment at a time."""
+        tok = self.lm.tokenizer
+        text = "\n".join(_item_line(item) for item in items)
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        for start in range(0, ids.numel(), self.segment_len):
+            self.score_segment(ids[start: start + self.segment_len])
+
+    @torch.no_grad()
+    def answer(self, question: str, now: float | None = None) -> Answer:
+        """Generate from ``[first prompt token][memory][rest of the closed-book chat prompt]``."""
+        from r3mem_bench.generation import HFGenerator
+
+        gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm)
+        max_new = int(getattr(self.generator, "max_new_tokens", 32))
+        ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
+        memory = self.state if (self.state is not None and self.carry_memory) else self.initial_memory(1)
+        emb = self._embed(ids.view(1, -1))
+        x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
+        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        tok = self.lm.tokenizer
+        out = self.body.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
+        prompt_tokens = x.shape[1]
+        self.tokens_processed += prompt_tokens + len(new)
+        return Answer(text=tok.decode(new, skip_special_tokens=True).strip(), retrieved_ids=[],
+                      prompt_tokens=prompt_tokens, context="")
+
+
+@register_method
+class RMTReset(RMT):
+    """RMT's adapter with the memory re-initialised at every segment (the memory's own contribution control)."""
+
+    name = "rmt_reset"
+    description = "RMT adapter, memory emptied at every segment (control)"
+    carry_memory = False

@@ -1,0 +1,654 @@
+"""R3Mem: retention and retrieval through reversible context compression, as one readable module.
+
+What the paper states (Wang, Wang, Zhu, Liu, "R3Mem: Bridging Memory Retention and Retrieval via Reversible
+Compression", Findings of ACL 2025, arXiv 2502.15957; abstract and Figure 2 caption; no public code)
+------------------------------------------------------------------------------------------------------------
+* A memory network optimised for both retention and retrieval through reversible context compression.
+* Virtual memory tokens compress and encode arbitrarily long histories.
+* Hierarchical compression: raw text becomes compact representations at document, paragraph and entity level,
+  with context-query pairs built at those levels.
+* A reversible architecture: a forward model compresses; a backward model reconstructs the original information
+  from the compressed memory ("invoking the model backward").
+* Parameter-efficient fine-tuning (adapters), so it attaches to any Transformer; bidirectional and
+  cycle-consistent training losses.
+
+Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the probes behind them)
+------------------------------------------------------------------------------------------------------
+* Base: the frozen decoder; two peft LoRA adapters on every linear layer, ``compress`` (forward model) and
+  ``expand`` (backward model), switched per pass; M learned memory-slot embeddings and one learned
+  reconstruction-marker embedding. Relatives: ICAE (Ge et al. 2024, getao/icae: LoRA encoder + memory slots,
+  frozen decoder reconstructs from ``[memory, AE token]``), RMT (Bulatov et al. 2022,
+  booydar/recurrent-memory-transformer: recurrent memory tokens across segments), gisting (Mu et al. 2023:
+  the gist tokens' keys/values are the compressed prompt).
+* Memory = the slots' keys and values at every layer (a KV memory, as in gisting), not last-layer states re-fed
+  as embeddings. Measured in the design doc with SmolLM2-135M on 2 CPU threads: re-fed last-layer states wreck
+  the model unless rescaled (PPL 856 -> 60) and barely reconstruct (33% token accuracy vs 32% with an empty
+  memory); a KV memory with LoRA r16 on every linear layer at lr 1e-3 reconstructs at 53.5% vs 18.4% empty.
+* Layout of every pass: ``[BOS @0][memory @1..M][marker @M+1][text @M+2..][slots]``. A real token stays at
+  position 0 (attention sink: a memory vector there derailed the model in the probe). New slots are appended
+  after the text at their natural positions; their keys are then re-rotated (RoPE is a rotation, so rotating
+  by -shift moves a key to another position exactly) to positions 1..M, so a memory is position-independent
+  and the recurrence ``memory_t = compress(segment_t | memory_{t-1})`` keeps the same layout for ever:
+  a constant-size state for any history length.
+* Forward (retain, ``compress`` adapter): one pass over ``[BOS][memory][BOS as read marker][segment][slots]``
+  both scores the segment given the memory (the read marker predicts the first token, from the memory and
+  the same BOS no_memory uses) and writes the next memory. The memory before the first segment is the
+  "empty" memory: the slots run through ``[BOS][slots]`` alone.
+* Backward (retrieve, ``expand`` adapter): ``[BOS][memory][AE marker]`` decodes the text (teacher forcing in
+  training, greedy in ``reconstruct(memory)``), ending with EOS.
+* Losses (weights in the options): ``lm`` = next-segment NLL given the recurrent memory (segments 2..K);
+  ``kl`` = KL(base || adapted) on the first segment, read with the empty memory (keeps the adapter's own drift
+  small: the probe lost ~8 PPL to drift on other text); ``recon`` = reconstruction NLL of the last segment
+  from the memory (g(f(x)) ~ x); ``cycle`` = 1 - cosine between the memory of the (argmax, stop-gradient)
+  reconstruction and the memory itself (f(g(m)) ~ m).
+* Hierarchy, as context-query pairs sampled per training sample (``level_probs``): document (the recurrent
+  memory over consecutive segments -> next segment), paragraph (one paragraph's memory -> its key sentence,
+  taken as its first sentence) and entity (the sentences mentioning an entity, found by the pluggable offline
+  extractor of ``r3mem_bench.entities`` -> another sentence about it). In QA, each item (passage / turn /
+  session) becomes a paragraph memory, frequent entities get entity memories keyed by their name, and a
+  document memory runs over the whole history. A question is matched to paragraph memories by query
+  likelihood (how much a memory lowers the NLL of the question through the read path, relative to the
+  empty memory) and to entity memories by name; the top memories are reconstructed and the reconstruction is
+  the context. Stored memories are float16.
+* Memory size: the checkpoint holds ``max_memory_tokens`` slots and training samples M from
+  ``train_memory_sizes`` per sample (nested slots), so one checkpoint serves ``memory_tokens`` = 8/16/32/64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
+from r3mem_bench.errors import UserError
+from r3mem_bench.method import MemoryItem, MemoryMethod, tensor_bytes
+from r3mem_bench.methods import register_method
+from r3mem_bench.scoring import token_nll
+
+CHECKPOINT_FORMAT = "r3mem-checkpoint/1"
+WEIGHTS, META = "r3mem.safetensors", "r3mem.json"
+SHIPPED = Path(__file__).resolve().parent.parent / "results" / "checkpoints"
+
+# Options: architecture (fixed by a checkpoint) and behaviour (free at run time).
+ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear"}
+RUN_DEFAULTS = {
+    "memory_tokens": 16, "segment_len": 128, "train_segments": 3, "train_memory_sizes": [8, 16, 32, 64],
+    "train_memory_probs": [0.2, 0.5, 0.2, 0.1], "level_probs": [0.6, 0.2, 0.2], "w_lm": 1.0, "w_kl": 1.0,
+    "w_recon": 1.0, "w_cycle": 0.2, "lr_compress_scale": 0.3, "top_k": 3, "max_entities": 32,
+    "entity_extractor": "capitalised", "max_item_tokens": 512, "recon_max_tokens": 160, "save_dtype": "float16",
+}
+LEVELS = ("document", "paragraph", "entity")
+
+
+def rotate_keys(keys: torch.Tensor, shift: int, rotary) -> torch.Tensor:
+    """Move RoPE keys [..., T, D] by ``shift`` positions (rotation by shift * theta_i), exactly."""
+    pos = torch.full((1, 1), shift, dtype=torch.long, device=keys.device)
+    cos, sin = rotary(keys, pos)  # [1, 1, D]
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    return keys * cos[0, 0] + rotated * sin[0, 0]
+
+
+@register_method
+class R3Mem(MemoryMethod):
+    """R3Mem with a recurrent KV memory, compress/expand LoRA adapters and hierarchical memories."""
+
+    name = "r3mem"
+    description = "reversible compression: recurrent KV memory, LoRA compress/expand, hierarchy (this work)"
+    trainable = True
+    hierarchy = True
+    reset_each_segment = False
+    loss_overrides: dict[str, float] = {}
+
+    def __init__(self, lm, options: dict[str, Any] | None = None, generator=None, prompt=None):
+        super().__init__(lm, options, generator, prompt)
+        opts = dict(self.options)
+        if "memory_budget" in opts and "memory_tokens" not in opts:
+            opts["memory_tokens"] = opts["memory_budget"]
+        self.training = "train_segments" in opts and "checkpoint" not in opts
+        ckpt_meta = None
+        if not self.training and not opts.get("untrained"):
+            ckpt_dir = self._checkpoint_dir(opts.get("checkpoint"))
+            ckpt_meta = self._read_meta(ckpt_dir)
+            for key in ARCH_DEFAULTS:
+                opts.setdefault(key, ckpt_meta["config"][key])
+        unknown = set(opts) - set(ARCH_DEFAULTS) - set(RUN_DEFAULTS) - {"checkpoint", "untrained", "memory_budget", "train_steps"}
+        if unknown:
+            raise UserError(f"r3mem: unknown option '{sorted(unknown)[0]}'; fix: use one of "
+                            f"{sorted(set(ARCH_DEFAULTS) | set(RUN_DEFAULTS))}")
+        self.cfg = {**ARCH_DEFAULTS, **RUN_DEFAULTS, **{k: v for k, v in opts.items() if k in ARCH_DEFAULTS or k in RUN_DEFAULTS},
+                    **self.loss_overrides}
+        if not self.hierarchy:
+            self.cfg["level_probs"] = [1.0, 0.0, 0.0]
+        self.M = int(self.cfg["memory_tokens"])
+        if not 1 <= self.M <= int(self.cfg["max_memory_tokens"]):
+            raise UserError(f"r3mem: memory_tokens={self.M} but the checkpoint has {self.cfg['max_memory_tokens']} "
+                            "slots; fix: use memory_tokens between 1 and that, or train with a larger max_memory_tokens")
+        self._build()
+        if ckpt_meta is not None:
+            self.load_checkpoint(ckpt_dir)
+        self._cache: dict[str, torch.Tensor] = {}
+        self.reset()
+
+    # ---- construction --------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Copy the frozen base model, add the two LoRA adapters and the slot/marker embeddings."""
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        base = copy.deepcopy(self.lm.model)  # the shared model stays untouched for other methods of the run
+        targets = self.cfg["lora_targets"]
+        lora = dict(r=int(self.cfg["lora_r"]), lora_alpha=int(self.cfg["lora_alpha"]), lora_dropout=0.0,
+                    target_modules=targets if targets == "all-linear" else list(targets))
+        self.net = get_peft_model(base, LoraConfig(**lora), adapter_name="compress")
+        self.net.add_adapter("expand", LoraConfig(**lora))
+        causal = self.net.base_model.model
+        self.decoder, self.lm_head = causal.model, causal.lm_head  # LlamaModel-like, Linear
+        self.embed = self.decoder.get_input_embeddings()
+        self.rotary = self.decoder.rotary_emb
+        cfg = causal.config
+        self.shape = {"hidden": int(cfg.hidden_size), "layers": int(cfg.num_hidden_layers),
+                      "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+                      "head_dim": int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+                      "vocab": int(cfg.vocab_size)}
+        d = self.shape["hidden"]
+        scale = self.embed.weight.detach().std().item()
+        device = self.lm.device
+        # slots [M_max, d] start as random real-token embeddings (on the input scale); marker [d] likewise
+        pick = torch.randint(0, self.shape["vocab"], (int(self.cfg["max_memory_tokens"]) + 1,))
+        init = self.embed.weight.detach()[pick].clone() + 0.1 * scale * torch.randn(len(pick), d)
+        self.slots = torch.nn.Parameter(init[:-1].to(device))  # [M_max, d]
+        self.ae_marker = torch.nn.Parameter(init[-1].to(device))  # [d]
+        self.bos = int(self.lm.prefix_token_id)
+        self.eos = self.lm.tokenizer.eos_token_id
+        self.net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self._adapter = None
+        self._use("compress")
+
+    def _use(self, adapter: str) -> None:
+        """Activate one LoRA adapter (both stay trainable while training)."""
+        if self._adapter == adapter:
+            return
+        self.net.base_model.set_adapter(adapter)
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(self.training and "lora_" in name)
+        self._adapter = adapter
+
+    # ---- trainer interface (see r3mem_bench/train.py) -------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """LoRA weights of both adapters, the memory slots and the reconstruction marker."""
+        out = {n: p for n, p in self.net.named_parameters() if "lora_" in n}
+        out["slots"], out["ae_marker"] = self.slots, self.ae_marker
+        return out
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Slots, marker and expand adapter at ``lr``; the compress adapter slower (less drift of the reader)."""
+        params = self.trainable_parameters()
+        compress = [p for n, p in params.items() if ".compress." in n]
+        rest = [p for n, p in params.items() if ".compress." not in n]
+        return [{"params": rest, "lr": lr}, {"params": compress, "lr": lr * float(self.cfg["lr_compress_scale"])}]
+
+    def train(self, flag: bool = True) -> None:
+        """Enter (or leave) training: gradients flow into the adapters and slots, caches are off."""
+        self.training = flag
+        self.slots.requires_grad_(flag)
+        self.ae_marker.requires_grad_(flag)
+        adapter, self._adapter = self._adapter, None
+        self._use(adapter or "compress")
+        self._cache = {}
+
+    # ---- passes -------------------------------------------------------------------------------------------
+    def _forward(self, past: torch.Tensor | None, embeds: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder over ``embeds`` [B, T, d] at positions start.. after ``past`` KV [L, 2, B, H, P, D].
+
+        Returns the last hidden states [B, T, d] and the new keys/values [L, 2, B, H, T, D].
+        """
+        from transformers import DynamicCache
+
+        T = embeds.shape[1]
+        cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past]) if past is not None else DynamicCache()
+        positions = torch.arange(start, start + T, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
+        out = self.decoder(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
+        new_kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])
+        return out.last_hidden_state, new_kv
+
+    def _bos_kv(self, adapter: str, batch: int) -> torch.Tensor:
+        """KV of the BOS token at position 0 under ``adapter``: [L, 2, B, H, 1, D]."""
+        key = f"bos/{adapter}"
+        if key not in self._cache or self.training:
+            self._use(adapter)
+            ids = torch.tensor([[self.bos]], device=self.lm.device)
+            _, kv = self._forward(None, self.embed(ids), 0)
+            if self.training:
+                return kv.expand(-1, -1, batch, -1, -1, -1)
+            self._cache[key] = kv
+        return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
+
+    def empty_memory(self, M: int | None = None, batch: int = 1) -> torch.Tensor:
+        """The memory before any text: the slots run after BOS alone. -> [L, 2, B, H, M, D]."""
+        M = M or self.M
+        key = f"empty/{M}"
+        if key in self._cache and not self.training:
+            return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
+        self._use("compress")
+        bos = self._bos_kv("compress", 1)
+        _, mem = self._forward(bos, self.slots[:M].unsqueeze(0), 1)  # slots at positions 1..M already
+        if not self.training:
+            self._cache[key] = mem
+        return mem.expand(-1, -1, batch, -1, -1, -1)
+
+    def compress(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read ``tokens`` [B, T] after ``memory`` [L,2,B,H,M,D] and (``write``) fold them into a new memory.
+
+        Returns hidden states [B, T, d] that predict tokens[:, 0..T-1] (from the read marker and tokens[:, :-1])
+        and the new memory [L, 2, B, H, M, D] (None when not writing).
+        """
+        self._use("compress")
+        B, T = tokens.shape
+        M = memory.shape[-2]
+        past = torch.cat([self._bos_kv("compress", B), memory], dim=-2)  # [L,2,B,H,1+M,D]
+        read = self.embed(torch.full((B, 1), self.bos, device=tokens.device))  # [B, 1, d]
+        parts = [read, self.embed(tokens)]
+        if write:
+            parts.append(self.slots[:M].unsqueeze(0).expand(B, -1, -1))
+        hidden, kv = self._forward(past, torch.cat(parts, dim=1), M + 1)
+        if not write:
+            return hidden[:, :T], None
+        slot_kv = kv[..., -M:, :]  # [L,2,B,H,M,D], slot j at position M+2+T+j
+        keys = rotate_keys(slot_kv[:, 0], -(M + 1 + T), self.rotary)  # -> positions 1..M
+        return hidden[:, :T], torch.stack([keys, slot_kv[:, 1]], dim=1)
+
+    def expand_logits(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced reconstruction: logits [B, T, V] predicting ``tokens`` [B, T] from the memory alone."""
+        self._use("expand")
+        B, T = tokens.shape
+        M = memory.shape[-2]
+        past = torch.cat([self._bos_kv("expand", B), memory], dim=-2)
+        embeds = torch.cat([self.ae_marker.view(1, 1, -1).expand(B, 1, -1), self.embed(tokens[:, :-1])], dim=1)
+        hidden, _ = self._forward(past, embeds, M + 1)
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def reconstruct_ids(self, memory: torch.Tensor, max_tokens: int | list[int] | None = None) -> list[list[int]]:
+        """Greedy decoding of each memory in the batch [L,2,B,H,M,D] until EOS or ``max_tokens``."""
+        from transformers import DynamicCache
+
+        self._use("expand")
+        B, M = memory.shape[2], memory.shape[-2]
+        caps = max_tokens if isinstance(max_tokens, list) else [int(max_tokens or self.cfg["recon_max_tokens"])] * B
+        past = torch.cat([self._bos_kv("expand", B), memory.float()], dim=-2)
+        cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past])
+        x = self.ae_marker.view(1, 1, -1).expand(B, 1, -1)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        pos = M + 1
+        for _ in range(max(caps)):
+            h = self.decoder(inputs_embeds=x, cache=cache, use_cache=True,
+                             position_ids=torch.full((B, 1), pos, device=x.device)).last_hidden_state
+            nxt = self.lm_head(h[:, -1]).argmax(-1)  # [B]
+            for b in range(B):
+                if not done[b]:
+                    if int(nxt[b]) == self.eos or len(out[b]) >= caps[b]:
+                        done[b] = True
+                    else:
+                        out[b].append(int(nxt[b]))
+            self.tokens_processed += B
+            if all(done):
+                break
+            x, pos = self.embed(nxt.unsqueeze(1)), pos + 1
+        return out
+
+    def reconstruct(self, memory: torch.Tensor, max_tokens: int | None = None) -> str:
+        """Decode the text a single memory [L,2,1,H,M,D] (or [L,2,H,M,D]) holds."""
+        if memory.dim() == 5:
+            memory = memory.unsqueeze(2)
+        return self.lm.tokenizer.decode(self.reconstruct_ids(memory, max_tokens)[0])
+
+    # ---- LM streams --------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """New document / corpus: empty recurrent memory, empty memory bank."""
+        self.memory: torch.Tensor | None = None  # [L,2,1,H,M,D]
+        self.bank: list[dict] = []  # QA: {"ids", "kind", "key", "memory" [L,2,H,M,D] fp16, "tokens"}
+
+    @torch.no_grad()
+    def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
+        """NLL [S] of the segment given the recurrent memory; the memory then absorbs the segment."""
+        memory = self.memory if (self.memory is not None and not self.reset_each_segment) else self.empty_memory()
+        tokens = segment_ids.to(self.lm.device).unsqueeze(0)  # [1, S]
+        hidden, new = self.compress(tokens, memory, write=not self.reset_each_segment)
+        nll = token_nll(self.lm_head(hidden), tokens)[0].cpu()
+        self.memory = new if new is not None else memory
+        self.tokens_processed += 1 + tokens.shape[1] + (self.M if new is not None else 0)
+        return nll
+
+    def state_bytes(self) -> int:
+        """Bytes of the stored memory tensors (+ entity key strings in QA)."""
+        bank = sum(tensor_bytes(e["memory"]) + len(e.get("key", "").encode()) for e in self.bank)
+        return tensor_bytes(self.memory) + bank
+
+    # ---- training --------------------------------------------------------------------------------------
+    def _lm_nll(self, memory: torch.Tensor, tokens: torch.Tensor, write: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Mean NLL of ``tokens`` [1, T] read after ``memory``; also the logits and the written memory."""
+        hidden, new = self.compress(tokens, memory, write=write)
+        logits = self.lm_head(hidden)
+        return token_nll(logits, tokens).mean(), logits, new
+
+    def _recon_and_cycle(self, memory: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstruction NLL of ``target`` [1, T] (+EOS) from ``memory`` and the cycle loss via ``prev`` memory."""
+        out = {}
+        eos = torch.tensor([[self.eos]], device=target.device)
+        full = torch.cat([target, eos], dim=1)
+        if self.cfg["w_recon"] > 0:
+            logits = self.expand_logits(memory, full)
+            nll = token_nll(logits, full)
+            out["recon"] = nll.mean()
+            out["recon_acc"] = (logits.argmax(-1) == full).float().mean().detach()
+        if self.cfg["w_cycle"] > 0:
+            if "recon" not in out:
+                logits = self.expand_logits(memory, full)
+            guess = logits[:, :-1].argmax(-1).detach()  # the reconstruction, stop-gradient: [1, T]
+            _, again = self.compress(guess, prev.detach())
+            out["cycle"] = (1 - F.cosine_similarity(again, memory.detach(), dim=-1)).mean()
+        return out
+
+    def _pair(self, segments: list[torch.Tensor], level: str) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """(context segments, query target) for a hierarchy level, built from the sample's text."""
+        tok = self.lm.tokenizer
+        S = int(self.cfg["segment_len"])
+        text = tok.decode(torch.cat(segments).tolist())
+
+        def ids(s: str, cap: int) -> torch.Tensor:
+            return torch.tensor(tok(s, add_special_tokens=False)["input_ids"][:cap], dtype=torch.long)
+
+        if level == "paragraph":
+            paragraphs = [p for p in re.split(r"\n\s*\n", text) if len(p.split()) >= 12]
+            if not paragraphs:
+                return None
+            par = paragraphs[int(torch.randint(len(paragraphs), (1,)))]
+            first = sentences(par)[0]
+            return [ids(par, S)], ids(first, 48)
+        ents = entity_contexts(text, extractor=EXTRACTORS[self.cfg["entity_extractor"]])
+        if not ents:
+            return None
+        names = list(ents)
+        sents = ents[names[int(torch.randint(len(names), (1,)))]]
+        return [ids(" ".join(sents[:-1]), S)], ids(sents[-1], 48)
+
+    def training_losses(self, segments: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of one training sample (consecutive segments of one document); ``loss`` is their weighted sum."""
+        c = self.cfg
+        sizes, probs = c["train_memory_sizes"], torch.tensor(c["train_memory_probs"], dtype=torch.float)
+        M = int(sizes[int(torch.multinomial(probs, 1))])
+        level = LEVELS[int(torch.multinomial(torch.tensor(c["level_probs"], dtype=torch.float), 1))]
+        pair = self._pair(segments, level) if level != "document" else None
+        if pair is None:
+            level = "document"
+        dev = self.lm.device
+        empty = self.empty_memory(M)
+        zero = torch.zeros((), device=dev)
+        losses = {"lm": zero, "kl": zero, "recon": zero, "cycle": zero}
+        if level == "document":
+            memory, lm_terms = empty, []
+            for t, seg in enumerate(segments):
+                tokens = seg.to(dev).unsqueeze(0)
+                nll, logits, new = self._lm_nll(memory, tokens, write=True)
+                if t == 0 and c["w_kl"] > 0:
+                    with torch.no_grad(), self.net.disable_adapter():
+                        ref = self.net(input_ids=torch.cat([torch.tensor([[self.bos]], device=dev), tokens], 1)).logits[:, :-1]
+                    losses["kl"] = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                                            reduction="none").sum(-1).mean()
+                    self._adapter = None  # disable_adapter changed peft's state; re-select on next use
+                elif t > 0:
+                    lm_terms.append(nll)
+                prev, memory = memory, new
+            losses["lm"] = torch.stack(lm_terms).mean() if lm_terms else zero
+            losses.update(self._recon_and_cycle(memory, segments[-1].to(dev).unsqueeze(0), prev))
+        else:
+            context, query = pair
+            memory = empty
+            for seg in context:
+                prev, (_, memory) = memory, self.compress(seg.to(dev).unsqueeze(0), memory)
+            losses["lm"], _, _ = self._lm_nll(memory, query.to(dev).unsqueeze(0), write=False)
+            losses.update(self._recon_and_cycle(memory, context[-1].to(dev).unsqueeze(0), prev))
+        losses["loss"] = (c["w_lm"] * losses["lm"] + c["w_kl"] * losses["kl"] + c["w_recon"] * losses["recon"]
+                          + c["w_cycle"] * losses["cycle"])
+        losses["M"] = torch.tensor(float(M))
+        losses[f"level_{level}"] = torch.tensor(1.0)
+        return losses
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _checkpoint_dir(self, given: str | None) -> Path:
+        """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model."""
+        if given:
+            path = Path(given)
+            if not (path / META).exists():
+                raise UserError(f"--checkpoint {path}: no {META} there; fix: pass a directory written by "
+                                "`r3mem-bench train --method r3mem`")
+            return path
+        path = SHIPPED / f"r3mem-{self.lm.name}"
+        if not (path / META).exists():
+            raise UserError(f"r3mem: no trained checkpoint for model '{self.lm.name}' (looked in {path}); fix: "
+                            f"train one with `r3mem-bench train --method r3mem --model {self.lm.name} --output DIR` "
+                            "and pass --checkpoint DIR")
+        return path
+
+    def _read_meta(self, path: Path) -> dict:
+        """The checkpoint JSON, checked against this base model."""
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path / META}: unreadable ({exc}); fix: retrain or pass another --checkpoint") from None
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path}: not an R3Mem checkpoint (format {meta.get('format')!r}); fix: pass a "
+                            "directory written by `r3mem-bench train --method r3mem`")
+        return meta
+
+    def save_checkpoint(self, path: Path, meta: dict | None = None) -> None:
+        """Write adapters + slots + marker (``save_dtype``) and the JSON with config, model shape and ``meta``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dtype = getattr(torch, self.cfg["save_dtype"])
+        tensors = {n: p.detach().to(dtype).contiguous() for n, p in self.trainable_parameters().items()}
+        save_file(tensors, str(path / WEIGHTS))
+        body = {"format": CHECKPOINT_FORMAT, "method": self.name, "model": self.lm.name, "model_shape": self.shape,
+                "config": {k: self.cfg[k] for k in sorted(self.cfg)}, **(meta or {})}
+        (path / META).write_text(json.dumps(body, indent=1) + "\n")
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Load a checkpoint; another base model or other shapes raise ``UserError``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = self._read_meta(path)
+        if meta.get("model_shape") != self.shape:
+            raise UserError(f"{path}: trained for model '{meta.get('model')}' with shape {meta.get('model_shape')}, "
+                            f"but the model is '{self.lm.name}' {self.shape}; fix: pass --model {meta.get('model')} "
+                            "or a checkpoint trained for this model")
+        tensors = load_file(str(path / WEIGHTS))
+        params = self.trainable_parameters()
+        if set(tensors) != set(params):
+            raise UserError(f"{path}: its tensors do not match this R3Mem configuration (lora_r, targets); fix: "
+                            "retrain or pass the matching checkpoint")
+        with torch.no_grad():
+            for n, p in params.items():
+                if tensors[n].shape != p.shape:
+                    raise UserError(f"{path}: tensor '{n}' has shape {tuple(tensors[n].shape)}, expected "
+                                    f"{tuple(p.shape)}; fix: retrain or pass the matching checkpoint")
+                p.copy_(tensors[n].to(p.dtype))
+        self.checkpoint_meta = meta
+        self._cache = {}
+
+    def config(self) -> dict:
+        """Options defining this method, with the checkpoint's identity."""
+        out = {"name": self.name, **{k: v for k, v in self.cfg.items() if not k.startswith(("w_", "lr_", "train_"))}}
+        meta = getattr(self, "checkpoint_meta", None)
+        if meta:
+            out["checkpoint"] = {"path": str(self.options.get("checkpoint") or "shipped"),
+                                 "step": meta.get("training", {}).get("step"), "trained_as": meta.get("method")}
+        return out
+
+    # ---- QA: ingest / retrieve ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _memory_of(self, text: str, cap: int | None = None) -> tuple[torch.Tensor, int]:
+        """Recurrent memory [L,2,1,H,M,D] of a text (chunks of segment_len from the empty memory), token count."""
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"][: cap or int(self.cfg["max_item_tokens"])]
+        memory = self.empty_memory()
+        S = int(self.cfg["segment_len"])
+        for start in range(0, len(ids), S):
+            chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
+            _, memory = self.compress(chunk, memory)
+            self.tokens_processed += 1 + chunk.shape[1] + self.M
+        return memory, len(ids)
+
+    @torch.no_grad()
+    def ingest(self, items: Iterable[MemoryItem]) -> None:
+        """Compress each item into a paragraph memory, frequent entities into entity memories, all into a document memory."""
+        items = list(items)
+        doc = self.memory if self.memory is not None else self.empty_memory()
+        S = int(self.cfg["segment_len"])
+        for item in items:
+            ids = self.lm.tokenizer(item.text, add_special_tokens=False)["input_ids"][: int(self.cfg["max_item_tokens"])]
+            for start in range(0, len(ids), S):
+                chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
+                _, doc = self.compress(chunk, doc)
+                self.tokens_processed += 1 + chunk.shape[1] + self.M
+            if self.hierarchy:
+                memory, n = self._memory_of(item.text)
+                self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory[:, :, 0].half(), "tokens": n})
+        self.memory = doc
+        if not self.hierarchy:
+            return
+        mentions: dict[str, list[tuple[str, str]]] = {}
+        extractor = EXTRACTORS[self.cfg["entity_extractor"]]
+        for item in items:
+            for ent, sents in entity_contexts(item.text, min_mentions=1, extractor=extractor).items():
+                mentions.setdefault(ent, []).extend((item.id, s) for s in sents)
+        frequent = sorted((e for e, m in mentions.items() if len({i for i, _ in m}) >= 2),
+                          key=lambda e: (-len(mentions[e]), e))[: int(self.cfg["max_entities"])]
+        for ent in frequent:
+            memory, n = self._memory_of(" ".join(s for _, s in mentions[ent]), cap=S)
+            self.bank.append({"ids": sorted({i for i, _ in mentions[ent]}), "kind": "entity", "key": ent,
+                              "memory": memory[:, :, 0].half(), "tokens": n})
+
+    @torch.no_grad()
+    def _query_scores(self, question: str, memories: list[torch.Tensor]) -> list[float]:
+        """How much each memory lowers the question's NLL through the read path (nats/token; higher = closer)."""
+        ids = self.lm.tokenizer(question, add_special_tokens=False)["input_ids"][:64]
+        if not ids or not memories:
+            return [0.0] * len(memories)
+        q = torch.tensor([ids], device=self.lm.device)
+        base, _ = self.compress(q, self.empty_memory(), write=False)
+        base_nll = token_nll(self.lm_head(base), q).mean()
+        scores = []
+        for start in range(0, len(memories), 16):
+            batch = torch.stack(memories[start: start + 16], dim=2).float()  # [L,2,B,H,M,D]
+            B = batch.shape[2]
+            hidden, _ = self.compress(q.expand(B, -1), batch, write=False)
+            nll = token_nll(self.lm_head(hidden), q.expand(B, -1)).mean(-1)
+            scores.extend((base_nll - nll).tolist())
+            self.tokens_processed += B * (1 + q.shape[1])
+        return scores
+
+    @torch.no_grad()
+    def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
+        """Reconstruct the memories most relevant to ``question``; the reconstructions are the context."""
+        if not self.hierarchy:  # document level only: reconstruct the recurrent memory
+            if self.memory is None:
+                return "", []
+            return self.reconstruct(self.memory), []
+        paragraphs = [e for e in self.bank if e["kind"] == "paragraph"]
+        scores = self._query_scores(question, [e["memory"] for e in paragraphs])
+        k = int(self.cfg["top_k"])
+        chosen = [paragraphs[i] for i in sorted(range(len(paragraphs)), key=lambda i: -scores[i])[:k]]
+        lowered = question.lower()
+        named = [e for e in self.bank if e["kind"] == "entity"
+                 and re.search(rf"\b{re.escape(e['key'].lower())}\b", lowered)]
+        chosen += named[:2]
+        if not chosen:
+            return "", []
+        memory = torch.stack([e["memory"] for e in chosen], dim=2).float()
+        caps = [min(int(e["tokens"]) + 8, int(self.cfg["recon_max_tokens"])) for e in chosen]
+        texts = [self.lm.tokenizer.decode(x) for x in self.reconstruct_ids(memory, caps)]
+        ids = list(dict.fromkeys(i for e in chosen for i in e["ids"]))
+        return "\n".join(t.strip() for t in texts if t.strip()), ids
+
+    # ---- diagnostics -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruction_report(self, text: str, empty: bool = False, greedy: bool = True) -> dict:
+        """Per chunk of ``text``: teacher-forced token accuracy and NLL from its memory (or the empty memory), and
+        (``greedy``) the greedy reconstruction with its ROUGE-L."""
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        S = int(self.cfg["segment_len"])
+        rows = []
+        for start in range(0, len(ids), S):
+            chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
+            memory = self.empty_memory() if empty else self.compress(chunk, self.empty_memory())[1]
+            logits = self.expand_logits(memory, chunk)
+            rows.append({"tokens": chunk.shape[1], "correct": int((logits.argmax(-1) == chunk).sum()),
+                         "nll": float(token_nll(logits, chunk).sum()),
+                         "text": self.lm.tokenizer.decode(chunk[0]),
+                         "reconstruction": self.reconstruct(memory, chunk.shape[1] + 8) if greedy else ""})
+        n = sum(r["tokens"] for r in rows)
+        return {"chunks": rows, "token_accuracy": sum(r["correct"] for r in rows) / max(1, n),
+                "ppl": math.exp(sum(r["nll"] for r in rows) / max(1, n)),
+                "rouge_l": float(sum(rouge_l(r["text"], r["reconstruction"]) * r["tokens"] for r in rows) / max(1, n))
+                if greedy else None}
+
+
+def rouge_l(reference: str, candidate: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    ref, cand = reference.split(), candidate.split()
+    if not ref or not cand:
+        return 0.0
+    prev = [0] * (len(cand) + 1)
+    for r in ref:
+        cur = [0]
+        for j, c in enumerate(cand):
+            cur.append(prev[j] + 1 if r == c else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(cand), lcs / len(ref)
+    return 2 * p * rec / (p + rec)
+
+
+@register_method
+class R3MemNoHier(R3Mem):
+    """Ablation: no hierarchy. Trained on document-level pairs only; QA keeps only the recurrent document memory."""
+
+    name = "r3mem_no_hier"
+    description = "R3Mem without hierarchy (document-level memory only; train it separately for training effects)"
+    hierarchy = False
+
+
+@register_method
+class R3MemNoCycle(R3Mem):
+    """Ablation: no backward/cycle losses (w_recon = w_cycle = 0); meaningful only with its own training run."""
+
+    name = "r3mem_no_cycle"
+    description = "R3Mem trained without reconstruction/cycle losses (needs its own `train --method r3mem_no_cycle`)"
+    loss_overrides = {"w_recon": 0.0, "w_cycle": 0.0}
+
+
+@register_method
+class R3MemReset(R3Mem):
+    """Control: the same trained adapter, memory emptied at every segment (adapter effect without memory)."""
+
+    name = "r3mem_reset"
+    families = ("lm",)
+    description = "R3Mem's adapter with the memory emptied at every segment (control)"
+    reset_each_segment = True
+

@@ -1,0 +1,76 @@
+"""vLLM generation backend (extra ``gpu``): the ``Generator`` interface of ``r3mem_bench.generation`` on vLLM.
+
+Same prompts as the HF backend: the user message goes through the tokenizer's chat template (``HFGenerator.encode``,
+left-truncated to ``max_prompt_tokens``) and vLLM receives the token ids (``{"prompt_token_ids": ids}``, vLLM's
+``TokensPrompt``), so both backends see identical inputs. Decoding is greedy: ``SamplingParams(temperature=0,
+max_tokens=max_new_tokens)``, stopping at the tokenizer's EOS. vLLM loads its own copy of the weights from the
+model's directory (``r3mem_bench.models.resolve_model_path``); models without one (``tiny-random``) cannot use it.
+
+API used (vLLM docs, ``vllm.entrypoints.llm.LLM``): ``LLM(model=..., tokenizer=..., dtype=..., seed=...,
+gpu_memory_utilization=..., max_model_len=...)``, ``LLM.generate(prompts, sampling_params, use_tqdm=False)`` ->
+``RequestOutput`` with ``.prompt_token_ids`` and ``.outputs[0].text`` / ``.token_ids``. Not exercised on a GPU in
+this repository's CI (tests skip without CUDA and vllm).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from r3mem_bench.errors import UserError
+from r3mem_bench.generation import DEFAULT_SYSTEM, Generation, HFGenerator
+from r3mem_bench.models import LoadedModel, resolve_model_path
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why vLLM cannot run here (``None`` when it can): the package or CUDA is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install 'r3mem-bench[gpu]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "vLLM needs a CUDA GPU and none is available"
+    return None
+
+
+class VLLMGenerator(HFGenerator):
+    """Greedy generation with vLLM; prompts encoded exactly as ``HFGenerator`` encodes them."""
+
+    name = "vllm"
+
+    def __init__(self, lm: LoadedModel, max_new_tokens: int = 32, system: str = DEFAULT_SYSTEM,
+                 max_prompt_tokens: int | None = None, batch_size: int = 256, gpu_memory_utilization: float = 0.5,
+                 seed: int = 0):
+        super().__init__(lm, max_new_tokens=max_new_tokens, system=system, max_prompt_tokens=max_prompt_tokens,
+                         batch_size=batch_size)
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise UserError(f"--backend vllm: {reason}; fix: use --backend hf, or run on a CUDA machine with vllm")
+        path = resolve_model_path(lm.name)
+        if path == "tiny-random":
+            raise UserError("--backend vllm: model 'tiny-random' exists only in memory; fix: use --backend hf "
+                            "or a model with a directory or hub id")
+        from vllm import LLM
+
+        dtype = str(lm.info.get("dtype", "float32")).replace("torch.", "")
+        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_model_len=lm.max_length,
+                       gpu_memory_utilization=gpu_memory_utilization)
+
+    def sampling_params(self):
+        """Greedy decoding: temperature 0, at most ``max_new_tokens`` new tokens."""
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+
+    def generate(self, prompts: list[str]) -> list[Generation]:
+        """Greedy answers for user messages ``prompts`` (vLLM batches internally)."""
+        encoded = [self.encode(p) for p in prompts]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], self.sampling_params(),
+                                    use_tqdm=False)
+        eos = self.lm.tokenizer.eos_token_id
+        out = []
+        for ids, res in zip(encoded, outputs):
+            new = list(res.outputs[0].token_ids)
+            if eos in new:
+                new = new[: new.index(eos)]
+            out.append(Generation(self.lm.tokenizer.decode(new, skip_special_tokens=True).strip(), len(ids), len(new)))
+        return out

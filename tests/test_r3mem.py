@@ -1,0 +1,216 @@
+"""R3Mem on the tiny random model: KV-memory layout, honest scoring, gradients, the backward path, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from r3mem_bench.errors import UserError
+from r3mem_bench.method import MemoryItem
+from r3mem_bench.methods import get_method_class
+from r3mem_bench.r3mem import R3Mem, rotate_keys, rouge_l
+
+TRAIN_OPTS = {"segment_len": 16, "train_segments": 2, "max_memory_tokens": 8, "memory_tokens": 4,
+              "train_memory_sizes": [4, 8], "train_memory_probs": [0.5, 0.5]}
+
+
+def make(tiny_lm, name: str = "r3mem", **opts) -> R3Mem:
+    """An untrained R3Mem variant (random slots, zero LoRA B) with small memory."""
+    torch.manual_seed(0)
+    return get_method_class(name)(tiny_lm, {"untrained": True, "max_memory_tokens": 8, "memory_tokens": 4,
+                                            "segment_len": 16, **opts})
+
+
+def trainee(tiny_lm, **opts) -> R3Mem:
+    """An R3Mem in training mode, with non-zero LoRA B so every adapter path is live."""
+    torch.manual_seed(0)
+    m = get_method_class("r3mem")(tiny_lm, {**TRAIN_OPTS, **opts})
+    m.train(True)
+    with torch.no_grad():
+        for n, p in m.net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m
+
+
+def segs(n: int, length: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 5000, (length,), generator=g) for _ in range(n)]
+
+
+def test_rotate_keys_moves_rope_keys_exactly(tiny_lm):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m = make(tiny_lm)
+    k = torch.randn(1, 2, 3, m.shape["head_dim"])  # [B, H, T, D], un-rotated keys
+
+    def at(pos: int) -> torch.Tensor:  # keys as the model rotates them at position ``pos``
+        cos, sin = m.rotary(k, torch.full((1, 3), pos))
+        return apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+    assert torch.allclose(rotate_keys(at(37), -36, m.rotary), at(1), atol=1e-5)
+    assert not torch.allclose(at(37), at(1), atol=1e-3)
+
+
+def test_state_bytes_constant_and_equal_to_kv_of_m_slots(tiny_lm):
+    m = make(tiny_lm)
+    m.reset()
+    sizes = []
+    for seg in segs(6):
+        nll = m.score_segment(seg)
+        assert nll.shape == (16,) and torch.isfinite(nll).all()
+        sizes.append(m.state_bytes())
+    s = m.shape
+    assert sizes == [s["layers"] * 2 * s["kv_heads"] * 4 * s["head_dim"] * 4] * 6
+
+
+def test_first_token_is_scored_honestly_and_reset_matches_first_segment(tiny_lm):
+    m = trainee(tiny_lm)
+    m.train(False)
+    a, b = segs(1)[0], segs(1, seed=2)[0]
+    b[0] = a[0]
+    m.reset()
+    nll_a = m.score_segment(a)
+    m.reset()
+    nll_b = m.score_segment(b)
+    assert torch.allclose(nll_a[0], nll_b[0])  # the first token does not see the rest of its segment
+    assert not torch.allclose(nll_a[1:], nll_b[1:])
+    reset = get_method_class("r3mem_reset")(tiny_lm, {"untrained": True, **{k: v for k, v in TRAIN_OPTS.items()
+                                                                            if not k.startswith("train")}})
+    with torch.no_grad():
+        for (n, p), q in zip(reset.trainable_parameters().items(), m.trainable_parameters().values()):
+            p.copy_(q)
+    reset._cache = {}
+    reset.reset()
+    assert torch.allclose(reset.score_segment(a), nll_a, atol=1e-5)
+
+
+def test_memory_carries_the_previous_segment_and_reset_does_not(tiny_lm):
+    m = trainee(tiny_lm)
+    m.train(False)
+    first1, first2, second = segs(1, seed=3)[0], segs(1, seed=4)[0], segs(1, seed=5)[0]
+    outs = []
+    for first in (first1, first2):
+        m.reset()
+        m.score_segment(first)
+        outs.append(m.score_segment(second))
+    assert not torch.allclose(outs[0], outs[1], atol=1e-6)
+    m.reset_each_segment = True
+    outs = []
+    for first in (first1, first2):
+        m.reset()
+        m.score_segment(first)
+        outs.append(m.score_segment(second))
+    assert torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("level", [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+def test_only_adapters_and_memory_embeddings_get_gradients(tiny_lm, level):
+    m = trainee(tiny_lm, level_probs=level)
+    text = ("Alice Smith met Bob Jones in Paris. Later Alice Smith wrote to Bob Jones about Paris.\n\n"
+            "The second paragraph talks about something else entirely, at some length, with many words.")
+    ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    losses = m.training_losses([torch.tensor(ids[:16]), torch.tensor(ids[16:32])])
+    assert {"loss", "lm", "recon", "cycle", "kl"} <= set(losses)
+    losses["loss"].backward()
+    trainable = m.trainable_parameters()
+    for name, p in m.net.named_parameters():
+        if "lora_" not in name:
+            assert p.grad is None, name
+    assert m.slots.grad is not None and m.slots.grad.abs().sum() > 0
+    assert m.ae_marker.grad.abs().sum() > 0
+    for adapter in ("compress", "expand"):
+        grads = [p.grad for n, p in trainable.items() if f".{adapter}." in n and "lora_B" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), adapter
+    assert all(p.requires_grad for p in trainable.values())
+    assert sum(p.requires_grad for p in tiny_lm.model.parameters()) == 0  # the shared base model is untouched
+
+
+def test_backward_path_overfits_a_fixed_text(tiny_lm):
+    m = trainee(tiny_lm, w_lm=0.0, w_kl=0.0, w_cycle=0.0, train_memory_probs=[1.0, 0.0])
+    ids = torch.tensor(tiny_lm.tokenizer("The quick brown fox jumps over the lazy dog near the river bank.",
+                                         add_special_tokens=False)["input_ids"])
+    opt = torch.optim.Adam(list(m.trainable_parameters().values()), lr=1e-2)
+    first = None
+    for step in range(120):
+        opt.zero_grad()
+        loss = m.training_losses([ids, ids])["recon"]
+        first = first if first is not None else float(loss)
+        loss.backward()
+        opt.step()
+    assert float(loss) <= 0.1 * first, (first, float(loss))
+    m.train(False)
+    report = m.reconstruction_report(tiny_lm.tokenizer.decode(ids))
+    assert report["token_accuracy"] > 0.9
+
+
+def test_checkpoint_roundtrip_and_errors(tiny_lm, tmp_path):
+    m = trainee(tiny_lm)
+    m.cfg["save_dtype"] = "float32"
+    m.save_checkpoint(tmp_path / "ck", {"training": {"step": 3}})
+    m.train(False)
+    m.reset()
+    want = [m.score_segment(s) for s in segs(3)]
+    loaded = get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 4})
+    loaded.reset()
+    got = [loaded.score_segment(s) for s in segs(3)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
+    assert loaded.config()["checkpoint"]["step"] == 3
+    with pytest.raises(UserError, match="memory_tokens=9"):
+        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 9})
+    meta = json.loads((tmp_path / "ck" / "r3mem.json").read_text())
+    meta["model_shape"]["hidden"] = 576
+    (tmp_path / "ck" / "r3mem.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="trained for model"):
+        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck")})
+    with pytest.raises(UserError, match="no r3mem.json"):
+        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path)})
+    with pytest.raises(UserError, match="no trained checkpoint for model 'tiny-random'"):
+        get_method_class("r3mem")(tiny_lm, {})
+    with pytest.raises(UserError, match="unknown option"):
+        get_method_class("r3mem")(tiny_lm, {"untrained": True, "memroy_tokens": 8})
+
+
+def test_qa_ingest_retrieve_hierarchy_and_state(tiny_lm):
+    m = make(tiny_lm, top_k=2, recon_max_tokens=12)
+    items = [MemoryItem("p1", "Marie Curie won the Nobel Prize in physics and chemistry."),
+             MemoryItem("p2", "The Eiffel Tower stands in Paris and Marie Curie lived in Paris."),
+             MemoryItem("p3", "Bananas are yellow fruits that grow in tropical places.")]
+    m.reset()
+    m.ingest(items)
+    kinds = [e["kind"] for e in m.bank]
+    assert kinds.count("paragraph") == 3 and "entity" in kinds
+    keys = {e.get("key") for e in m.bank if e["kind"] == "entity"}
+    assert {"Marie Curie", "Paris"} <= keys
+    expected = sum(e["memory"].numel() * 2 + len(e.get("key", "").encode()) for e in m.bank)
+    assert m.state_bytes() == expected + m.memory.numel() * 4
+    context, ids = m.retrieve("Where did Marie Curie live?")
+    assert isinstance(context, str) and ids and set(ids) <= {"p1", "p2", "p3"}
+    assert {"p1", "p2"} <= set(ids)  # the entity memory of Marie Curie points at both of her passages
+    flat = make(tiny_lm, name="r3mem_no_hier", recon_max_tokens=5)
+    flat.reset()
+    flat.ingest(items)
+    assert flat.bank == [] and flat.state_bytes() == flat.memory.numel() * 4
+    assert isinstance(flat.retrieve("Where?")[0], str)
+
+
+def test_reconstruct_returns_text_and_rouge(tiny_lm):
+    m = make(tiny_lm, recon_max_tokens=6)
+    _, memory = m.compress(segs(1)[0].unsqueeze(0), m.empty_memory())
+    out = m.reconstruct(memory, 6)
+    assert isinstance(out, str) and len(tiny_lm.tokenizer(out, add_special_tokens=False)["input_ids"]) <= 8
+    assert rouge_l("a b c d", "a b c d") == 1.0 and rouge_l("a b c d", "x y") == 0.0
+    assert abs(rouge_l("a b c d", "a c") - 2 * (1.0 * 0.5) / 1.5) < 1e-9
+
+
+def test_variants_are_registered():
+    from r3mem_bench.methods import all_methods
+
+    methods = all_methods()
+    for name in ("r3mem", "r3mem_no_hier", "r3mem_no_cycle", "r3mem_reset"):
+        assert methods[name].trainable
+    assert methods["r3mem_reset"].families == ("lm",)
+    assert methods["r3mem_no_cycle"].loss_overrides == {"w_recon": 0.0, "w_cycle": 0.0}

@@ -1,0 +1,162 @@
+"""``r3mem-bench regress``: a reference written by the command holds on a rerun, a genuinely degraded model fails
+with exit 1 naming the metric, and a changed model or data set is refused (exit 2). Tiny suites on tiny-random."""
+
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from r3mem_bench import models
+
+SUITE = """
+suite: tinyreg
+model: {model}
+limit: 2
+threads: 1
+include_paths: [tasks]
+tasks:
+  - {{task: {task}, params: {{segment_len: 32, max_tokens: 96}}}}
+methods: [no_memory, full_context]
+"""
+
+TASK = """
+task: local_text
+family: lm
+description: a local text file
+dataset: {loader: text_file, path: PATH}
+"""
+
+
+def invoke(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """Run the CLI in this process; returns (exit code, stdout + stderr)."""
+    from r3mem_bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["r3mem-bench", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_lm):
+    """A local copy of tiny-random, a local text task, and a suite over them."""
+    model_dir = tmp_path / "model"
+    tiny_lm.model.save_pretrained(model_dir)
+    tiny_lm.tokenizer.save_pretrained(model_dir)
+    (tmp_path / "tasks").mkdir()
+    text = tmp_path / "doc.jsonl"
+    words = "the cat sat on the mat and looked at the dog who was sleeping near the door of the old house".split()
+    text.write_text("\n".join(json.dumps({"id": f"d{i}", "text": " ".join(words[i:] + words[:i]) * 4})
+                              for i in range(2)) + "\n")
+    (tmp_path / "tasks" / "local_text.yaml").write_text(TASK.replace("PATH", str(text)))
+    (tmp_path / "suite.yaml").write_text(SUITE.format(model=model_dir, task="local_text"))
+    yield tmp_path
+    models._CACHE.pop((str(model_dir), "cpu"), None)
+
+
+def test_reference_holds_twice_and_writes_junit_and_summary(workdir, capsys, monkeypatch):
+    ref = workdir / "ref.json"
+    suite = str(workdir / "suite.yaml")
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")
+    assert code == 0, out
+    data = json.loads(ref.read_text())
+    assert {c["method"] for c in data["cells"]} == {"no_memory", "full_context"}
+    assert all(set(c["setup"]) == {"model", "data", "config"} for c in data["cells"])
+    for _ in range(2):
+        code, out = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
+                           "--junit", str(workdir / "j.xml"), "--summary", str(workdir / "s.md"))
+        assert code == 0, out
+        assert "all 6 checks hold" in out  # ppl, ppl_after_first, bits_per_byte x 2 methods; no timing metric
+    root = ET.parse(workdir / "j.xml").getroot()
+    assert root.get("tests") == "6" and root.get("failures") == "0"
+    assert "All 6 checks hold" in (workdir / "s.md").read_text()
+
+
+def test_degraded_model_is_a_regression(workdir, capsys, monkeypatch):
+    ref = workdir / "ref.json"
+    suite = str(workdir / "suite.yaml")
+    assert invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")[0] == 0
+    model_dir = workdir / "model"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights = {k: (v * 6 if "embed_tokens" in k else v) for k, v in weights.items()}  # sharper, wrong logits
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    models._CACHE.pop((str(model_dir), "cpu"), None)
+    for extra in ([], ["--use-ci"]):
+        code, out = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
+                           "--junit", str(workdir / "j.xml"), *extra)
+        assert code == 1, out
+        assert "regression(s)" in out and "local_text/no_memory/ppl" in out and "REGRESSION" in out
+    failed = [tc.get("name") for tc in ET.parse(workdir / "j.xml").getroot().iter("testcase")
+              if tc.find("failure") is not None]
+    assert {"ppl", "ppl_after_first", "bits_per_byte"} <= set(failed)
+
+
+def test_changed_model_or_data_is_refused(workdir, capsys, monkeypatch):
+    ref = workdir / "ref.json"
+    suite = workdir / "suite.yaml"
+    assert invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref),
+                  "--update-reference")[0] == 0
+    other = workdir / "other.yaml"
+    other.write_text(SUITE.format(model="tiny-random", task="local_text"))
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref))
+    assert code == 2 and "different setup" in out and "model differs" in out, out
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref), "--force")
+    assert code in (0, 1) and "warning (--force)" in out
+    doc = workdir / "doc.jsonl"
+    doc.write_text(doc.read_text().replace("cat", "cow"))
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
+    assert code == 2 and "data differs" in out, out
+
+
+def test_bad_reference_file_is_a_usage_error(workdir, capsys, monkeypatch):
+    bad = workdir / "bad.json"
+    bad.write_text("{not json")
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(workdir / "suite.yaml"), "--reference", str(bad))
+    assert code == 2 and "not valid JSON" in out
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(workdir / "suite.yaml"),
+                       "--reference", str(workdir / "none.json"))
+    assert code == 2 and "--update-reference" in out
+
+
+def test_timing_metrics_are_checked_only_when_configured():
+    from r3mem_bench.regress import checked_metrics, compare
+
+    entry = {"model": "m", "task": "t", "family": "lm", "method": "x",
+             "metrics": {"ppl": {"value": 10.0, "ci": [9.0, 11.0]}, "seconds_per_segment": {"value": 1.0}}}
+    assert checked_metrics(entry, None) == ["ppl"]
+    assert checked_metrics(entry, ["seconds_per_segment"]) == ["seconds_per_segment"]
+    slower = [{**entry, "metrics": {"ppl": {"value": 10.5}, "seconds_per_segment": {"value": 3.0}}}]
+    ref = {"cells": [entry]}
+    by_metric = {c.metric: c.verdict for c in compare(ref, slower, {}, None, False)}
+    assert by_metric == {"ppl": "REGRESSION"}  # 5% worse, default tolerance 0.2%
+    assert {c.metric: c.verdict for c in compare(ref, slower, {}, None, True)} == {"ppl": "ok"}  # inside the CI
+    assert {c.metric: c.verdict for c in compare(ref, slower, {"ppl": {"rel": 0.1}}, None, False)} == {"ppl": "ok"}
+    timed = compare(ref, slower, {"seconds_per_segment": {"rel": 0.5}}, ["seconds_per_segment"], False)
+    assert [(c.metric, c.verdict) for c in timed] == [("seconds_per_segment", "REGRESSION")]
+
+
+def test_output_is_rerun_fresh_unless_resumed(workdir, capsys, monkeypatch):
+    ref, out = workdir / "ref.json", workdir / "out"
+    suite = str(workdir / "suite.yaml")
+    assert invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")[0] == 0
+    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out))
+    assert code == 0 and "2 to run" in text
+    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out))
+    assert code == 0 and "cleared the earlier run" in text and "2 to run" in text
+    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out),
+                        "--resume")
+    assert code == 0 and "0 to run" in text
+    (workdir / "other").mkdir()
+    (workdir / "other" / "precious.txt").write_text("keep")
+    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
+                        "--output", str(workdir / "other"))
+    assert code == 2 and "not a suite run" in text and (workdir / "other" / "precious.txt").exists()

@@ -1,0 +1,74 @@
+"""Suite configs: validation with messages naming the problem, shipped configs, resumable cells, per-method args."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r3mem_bench.errors import UserError
+from r3mem_bench.suite import cells, load_suite, parse_suite, run_suite
+
+BASE = {"suite": "t", "model": "tiny-random", "limit": 2, "threads": 1,
+        "tasks": [{"task": "wikitext2", "params": {"segment_len": 48, "max_tokens": 96}}],
+        "methods": ["no_memory", {"method": "full_context", "args": {"max_context": 64}}]}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"methods": ["no_memory", "memory_that_does_not_exist"]}, "unknown method 'memory_that_does_not_exist'"),
+    ({"tasks": ["no_such_task"]}, "unknown task 'no_such_task'"),
+    ({"colour": "red"}, "unknown field 'colour'"),
+    ({"methods": ["no_memory", "no_memory"]}, "method 'no_memory' is listed twice"),
+    ({"seeds": "0"}, "'seeds' must be a list of integers"),
+    ({"tasks": [{"task": "wikitext2", "params": {"segment_length": 4}}]}, "unknown parameter 'segment_length'"),
+    ({"methods": [{"method": "no_memory", "options": {}}]}, "unknown field 'options'"),
+])
+def test_bad_suites_name_the_problem(tmp_path, change, needle):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        cells(parse_suite({**BASE, **change}, str(tmp_path / "s.yaml")), str(tmp_path))
+
+
+def test_shipped_suites_parse():
+    ci = load_suite("ci")
+    assert ci.models == ["smollm2-135m"] and ci.regress["tolerances"]
+    assert {c["family"] for c in cells(ci, "/tmp/unused")} == {"lm", "rag", "dialogue"}
+    quick, paper = load_suite("quick"), load_suite("paper")
+    wanted = {"no_memory", "full_context", "vector_rag", "memorybank", "rmt", "r3mem"}
+    assert {m["method"] for m in quick.methods} == wanted == {m["method"] for m in paper.methods}
+    assert paper.resources.get("num_gpus") == 1 and len(paper.seeds) == 3
+    with pytest.raises(UserError, match="unknown suite 'nope'"):
+        load_suite("nope")
+
+
+def _rows(out):
+    return {p.parent.name: p.read_text() for p in out.rglob("results.jsonl")}
+
+
+def test_suite_resumes_and_records_method_args(tmp_path, tiny_lm):
+    suite = parse_suite(BASE, str(tmp_path / "s.yaml"))
+    out = tmp_path / "out"
+    first = run_suite(suite, str(out), echo=lambda m: None)
+    assert first["ran"] == 2 and first["skipped"] == 0 and not first["failed"]
+    rows = _rows(out)
+    assert set(rows) == {"no_memory", "full_context"} and all(len(v.splitlines()) == 2 for v in rows.values())
+    manifest = json.loads(next(out.rglob("full_context/manifest.json")).read_text())
+    assert manifest["config"]["method"]["max_context"] == 64
+    again = run_suite(suite, str(out), echo=lambda m: None)
+    assert again["ran"] == 0 and again["skipped"] == 2
+    for marker in (out / ".suite" / "done").glob("*no_memory*"):
+        marker.unlink()  # as if the process died before the marker: the cell reruns, its examples are reused
+    third = run_suite(suite, str(out), echo=lambda m: None)
+    assert third["ran"] == 1 and _rows(out) == rows
+    more = parse_suite({**BASE, "limit": 3}, str(tmp_path / "s.yaml"))  # a larger limit only adds examples
+    run_suite(more, str(out), echo=lambda m: None)
+    grown = _rows(out)
+    assert all(grown[k].startswith(rows[k]) and len(grown[k].splitlines()) == 3 for k in rows)
+
+
+def test_failed_cell_does_not_stop_the_others(tmp_path, tiny_lm):
+    raw = {**BASE, "tasks": [{"task": "wikitext2", "params": {"segment_len": 48, "max_tokens": 96},
+                              "data": "missing.txt"}, BASE["tasks"][0]]}
+    raw["tasks"][1] = {"task": "pydoc_heldout", "limit": 1, "params": {"segment_len": 48, "max_tokens": 96}}
+    result = run_suite(parse_suite(raw, str(tmp_path / "s.yaml")), str(tmp_path / "out"), echo=lambda m: None)
+    assert len(result["failed"]) == 2 and result["ran"] == 2
+    assert "file not found" in result["failed"][0][1]

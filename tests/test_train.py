@@ -1,0 +1,138 @@
+"""The generic trainer on tiny-random: determinism, resume after a stop or a SIGKILL, data rules, CLI wiring."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from r3mem_bench.errors import UserError
+from r3mem_bench.train import TrainConfig, TrainingData, lr_at, train
+
+TEXT = " ".join(f"Sentence {i} tells of Alice Brown and Bob Green, who walked to Rome on day {i}." for i in range(80))
+METHOD_ARGS = {"max_memory_tokens": 4, "memory_tokens": 4, "train_memory_sizes": [2, 4],
+               "train_memory_probs": [0.5, 0.5], "save_dtype": "float32"}
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def config(out: Path, corpus: str, **kw) -> TrainConfig:
+    base = dict(method="r3mem", model="tiny-random", data_mix="", data=corpus, steps=6, output=str(out),
+                segment_len=12, segments=2, lr=5e-3, warmup=2, checkpoint_every=2, seed=0,
+                method_options=dict(METHOD_ARGS))
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(path: Path) -> dict:
+    return load_file(str(path / "r3mem.safetensors"))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_stop_and_resume_gives_identical_weights(tmp_path, corpus, tiny_lm):
+    straight = train(config(tmp_path / "a", corpus), quiet=True)
+    part = config(tmp_path / "b", corpus)
+    train(part, stop_after=3, quiet=True)  # stops after step 3: last checkpoint is step 2
+    assert json.loads((tmp_path / "b" / "resume" / "trainer.json").read_text())["step"] == 2
+    assert not (tmp_path / "b" / "r3mem.safetensors").exists()
+    train(part, quiet=True)
+    assert same(weights(straight), weights(tmp_path / "b"))
+    other_seed = train(config(tmp_path / "c", corpus, seed=1), quiet=True)
+    assert not same(weights(straight), weights(other_seed))
+    meta = json.loads((tmp_path / "b" / "r3mem.json").read_text())
+    assert meta["training"]["step"] == 6 and meta["training"]["data"]["mix"] == ["file"]
+    assert meta["model"] == "tiny-random" and meta["config"]["max_memory_tokens"] == 4
+    log = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # step 3 of the stopped run is not logged twice
+    assert not (tmp_path / "b" / "resume").exists()
+    train(part, quiet=True)  # finished: nothing to do
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "r3mem_bench.cli", *args]
+
+
+def test_sigkill_mid_run_then_rerun_matches_uninterrupted(tmp_path, corpus):
+    args = ["train", "--method", "r3mem", "--model", "tiny-random", "--data-mix", "", "--data", corpus,
+            "--steps", "12", "--segment-len", "12", "--segments", "2", "--lr", "5e-3", "--warmup", "2",
+            "--checkpoint-every", "2", "--threads", "1", "--quiet"]
+    for k, v in METHOD_ARGS.items():
+        args += ["--method-arg", f"{k}={json.dumps(v)}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight = subprocess.run(_cli(*args, "--output", str(tmp_path / "a")), capture_output=True, text=True, env=env,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = subprocess.Popen(_cli(*args, "--output", str(tmp_path / "b")), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "b" / "resume" / "trainer.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["step"] >= 4:
+                    break
+            except (json.JSONDecodeError, OSError):
+                pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "r3mem.safetensors").exists()
+    again = subprocess.run(_cli(*args, "--output", str(tmp_path / "b")), capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_trained_checkpoint_runs_and_reconstructs_through_the_cli(tmp_path, corpus, cli):
+    root = train(config(tmp_path / "ck", corpus, steps=2), quiet=True)
+    out = cli("run", "--task", "wikitext2", "--method", "r3mem,r3mem_reset", "--model", "tiny-random",
+              "--checkpoint", str(root), "--limit", "1", "--max-tokens", "48", "--segment-len", "16",
+              "--output", str(tmp_path / "runs"), "-q", "--threads", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "r3mem_reset" in out.stdout
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "wikitext2" / "r3mem" / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["n_segments"] == 3 and len(set(rows[0]["state_bytes_series"])) == 1
+    rec = cli("reconstruct", "--checkpoint", str(root), "--text", corpus, "--memory-tokens", "4",
+              "--segment-len", "16", "--json", "--threads", "1")
+    assert rec.returncode == 0, rec.stderr[-2000:]
+    report = json.loads(rec.stdout)
+    assert 0 <= report["token_accuracy"] <= 1 and report["memory_tokens"] == 4 and report["chunks"] > 1
+    missing = cli("run", "--task", "wikitext2", "--method", "r3mem", "--model", "tiny-random", "--limit", "1",
+                  "--output", str(tmp_path / "runs2"), "-q")
+    assert missing.returncode == 2 and "r3mem-bench train" in missing.stderr
+
+
+def test_training_data_refuses_evaluation_splits_and_is_deterministic(tiny_lm, corpus):
+    for name in ("wikitext2", "pydoc_heldout"):
+        with pytest.raises(UserError, match="evaluation split"):
+            TrainingData(name, tiny_lm.tokenizer, 16, 2)
+    with pytest.raises(UserError, match="unknown training corpus"):
+        TrainingData("nosuch", tiny_lm.tokenizer, 16, 2)
+    data = TrainingData("", tiny_lm.tokenizer, 16, 2, data=corpus)
+    a, b = data.sample(0, 5, 0), data.sample(0, 5, 0)
+    assert len(a) == 2 and all(x.numel() == 16 for x in a) and all((x == y).all() for x, y in zip(a, b))
+    assert not all((x == y).all() for x, y in zip(a, data.sample(0, 6, 0)))
+
+
+def test_schedule_and_refusals(tmp_path, corpus):
+    cfg = config(tmp_path / "x", corpus, steps=10, warmup=2)
+    assert lr_at(0, cfg) == 0.5 and lr_at(1, cfg) == 1.0 and abs(lr_at(10, cfg) - 0.1) < 1e-9
+    with pytest.raises(UserError, match="nothing to train"):
+        train(config(tmp_path / "y", corpus, method="no_memory"), quiet=True)
+    with pytest.raises(UserError, match="must be positive"):
+        train(config(tmp_path / "z", corpus, steps=0), quiet=True)
