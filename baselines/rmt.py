@@ -119,7 +119,6 @@ class RMT(MemoryMethod):
                      "alpha": int(saved.get("lora_alpha", o.get("lora_alpha", 16))),
                      "dropout": float(saved.get("lora_dropout", o.get("lora_dropout", 0.0))),
                      "targets": saved.get("lora_targets", o.get("lora_targets", "all-linear"))}
-        self.batch_size = int(o.get("batch_size", 4))
         self.total_steps = int(o.get("train_steps", 0))
         self._build()
         self.checkpoint_id = ""

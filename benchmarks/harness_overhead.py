@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LmEvalRolling, lm_docs, lm_task, median, setup, write_result  # noqa: E402
+from _common import LmEvalRolling, lm_docs, lm_task, median, setup, write_result
 
 
 def bare_loop(lm, texts: list[str], max_tokens: int) -> float:

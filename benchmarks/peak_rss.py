@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
 BASELINE = ("import torch; torch.set_num_threads({threads}); from r3mem_bench.models import load_model; "
             "load_model({model!r})")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import lm_docs, lm_task, median, plot, setup, slope, write_result  # noqa: E402
+from _common import lm_docs, lm_task, median, plot, setup, slope, write_result
 
 
 def token_stream(lm, n: int):

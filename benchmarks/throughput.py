@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LmEvalRolling, lm_docs, lm_task, plot, setup, write_result  # noqa: E402
+from _common import LmEvalRolling, lm_docs, lm_task, plot, setup, write_result
 
 BATCHES = (1, 4, 16)
 

@@ -329,16 +329,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
 
 
 def _summarise(history: list[dict], buckets: int = 10) -> list[dict]:
-    """Mean of each logged loss over ``buckets`` equal spans of steps (the curve stored in the checkpoint)."""
+    """Mean of each logged value over ``buckets`` equal spans of steps (the curve stored in the checkpoint)."""
     if not history:
         return []
     size = max(1, math.ceil(len(history) / buckets))
     out = []
     for i in range(0, len(history), size):
         chunk = history[i: i + size]
-        keys = [k for k in chunk[0] if k not in ("step", "lr_factor", "seconds")]
-        out.append({"steps": f"{chunk[0]['step']}-{chunk[-1]['step']}",
-                    **{k: round(float(np.mean([c[k] for c in chunk if k in c])), 4) for k in keys}})
+        keys = list(dict.fromkeys(k for c in chunk for k in c if k not in ("step", "lr_factor", "seconds")))
+        out.append({"steps": f"{chunk[0]['step']}-{chunk[-1]['step']}",  # a key a step did not log counts as 0
+                    **{k: round(float(np.mean([c.get(k, 0.0) for c in chunk])), 4) for k in keys}})
     return out
 
 

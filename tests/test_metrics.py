@@ -6,8 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r3mem_bench.metrics import (best_over, contains, exact_match, is_abstention, normalize_answer, retrieval_recall,
-                                 token_f1)
+from r3mem_bench.metrics import (
+    best_over,
+    contains,
+    exact_match,
+    is_abstention,
+    normalize_answer,
+    retrieval_recall,
+    token_f1,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -6,12 +6,19 @@ import json
 import logging
 
 import pytest
-
 from conftest import FIXTURES
+
 from r3mem_bench.errors import UserError
 from r3mem_bench.families import get_family
-from r3mem_bench.families.rag import (chunk_words, load_corpus_file, load_hotpot, load_nq_open, load_squad,
-                                      load_trivia_qa, load_ultradomain)
+from r3mem_bench.families.rag import (
+    chunk_words,
+    load_corpus_file,
+    load_hotpot,
+    load_nq_open,
+    load_squad,
+    load_trivia_qa,
+    load_ultradomain,
+)
 from r3mem_bench.method import Answer, MemoryMethod
 from r3mem_bench.task import TaskRegistry
 
@@ -86,7 +93,7 @@ def test_nq_open_closed_book_and_dpr_corpus():
     assert questions[0]["answers"] == ["14 December 1972 UTC", "December 1972"]
     assert corpora == {"closed-book": []}
     questions, corpora = load_nq_open({"corpus": str(RAG / "nq_corpus_tiny.tsv")}, str(RAG / "nq_open_tiny.jsonl"), PARAMS)
-    assert [(i.id, i.text) for i in corpora["nq-corpus"]][0] == ("1", "Apollo 17: Apollo 17 left the Moon in December 1972.")
+    assert (corpora["nq-corpus"][0].id, corpora["nq-corpus"][0].text) == ("1", "Apollo 17: Apollo 17 left the Moon in December 1972.")
 
 
 def test_trivia_qa_chunks_documents_labels_evidence_and_counts_skips(caplog):
@@ -218,3 +225,21 @@ def test_cli_squad_local_file_with_limit(cli, tmp_path):
     assert "squad" in proc.stdout and "full_context" in proc.stdout
     bad = cli("run", "--task", "squad", "--data", str(RAG / "squad_bad.json"), "--model", "tiny-random", "--output", str(out))
     assert bad.returncode == 2 and "squad_bad.json" in bad.stderr + bad.stdout
+
+
+@pytest.mark.shared_data
+def test_loaders_on_shared_real_data():
+    from conftest import SHARED_DATA
+
+    rag = SHARED_DATA / "rag"
+    questions, corpora = load_squad({}, str(rag / "squad_dev-v1.1_partA_bloomsbury-dev.json"), PARAMS)
+    assert len(questions) == 4961 and len(corpora) == 24 and sum(len(v) for v in corpora.values()) == 913
+    assert questions[0]["corpus_id"] == "Super_Bowl_50"
+    questions, corpora = load_hotpot({}, str(rag / "hotpotqa_train100_hipporag.json"), PARAMS)
+    assert len(questions) == 100 and all(len(corpora[q["corpus_id"]]) >= 2 for q in questions)
+    assert all(g in {i.id for i in corpora[q["corpus_id"]]} for q in questions for g in q["gold_ids"])
+    questions, corpora = load_hotpot({"corpus": str(rag / "hotpotqa_train100_hipporag_corpus.json")},
+                                     str(rag / "hotpotqa_train100_hipporag.json"), PARAMS)
+    assert len(corpora["hotpot-corpus"]) == 994
+    questions, _ = load_nq_open({}, str(rag / "NQ-open.dev.jsonl"), PARAMS)
+    assert len(questions) == 3610

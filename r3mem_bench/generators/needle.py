@@ -98,6 +98,15 @@ def _passages(docs: tuple[tuple[str, ...], ...], order: list[int], cursor: list[
     return passages
 
 
+def _new_value(rng: random.Random, used: set[str], filler_text: str) -> str:
+    """A 4-digit code not used yet in this corpus and absent from its filler text."""
+    while True:
+        v = str(rng.randint(1000, 9999))
+        if v not in used and v not in filler_text:
+            used.add(v)
+            return v
+
+
 def generate(seed: int = 0, n_corpora: int = 8, n_passages: int = 12, passage_words: int = 100,
              questions_per_corpus: int = 4, distractors: int = 2, kinds: tuple[str, ...] = KINDS,
              filler: str = "wikitext2_test") -> tuple[list[dict], dict[str, list[MemoryItem]]]:
@@ -127,14 +136,6 @@ def generate(seed: int = 0, n_corpora: int = 8, n_passages: int = 12, passage_wo
         passages = _passages(docs, order, cursor, n_passages, passage_words)
         filler_text = " ".join(s for p in passages for s in p.sentences)
         used_values: set[str] = set()
-
-        def new_value() -> str:
-            while True:
-                v = str(rng.randint(1000, 9999))
-                if v not in used_values and v not in filler_text:
-                    used_values.add(v)
-                    return v
-
         objects = rng.sample(OBJECTS, need_objects)
         placed: list[tuple[int, str]] = []  # (passage index, sentence)
         qs = []
@@ -142,7 +143,7 @@ def generate(seed: int = 0, n_corpora: int = 8, n_passages: int = 12, passage_wo
             kind = kinds[(c * questions_per_corpus + qi) % len(kinds)]
             colour = rng.choice(COLOURS)
             key = f"{colour} {objects.pop()}"
-            value = new_value()
+            value = _new_value(rng, used_values, filler_text)
             slots = rng.sample(range(n_passages), 2)
             if kind == "multihop":
                 source = f"{rng.choice(COLOURS)} {objects.pop()}"
@@ -154,7 +155,7 @@ def generate(seed: int = 0, n_corpora: int = 8, n_passages: int = 12, passage_wo
                 if kind == "multikey":
                     obj = key.split(" ", 1)[1]
                     for other in rng.sample([x for x in COLOURS if x != colour], distractors):
-                        placed.append((rng.randrange(n_passages), FACT.format(key=f"{other} {obj}", value=new_value())))
+                        placed.append((rng.randrange(n_passages), FACT.format(key=f"{other} {obj}", value=_new_value(rng, used_values, filler_text))))
             qs.append((qi, kind, asked, value, gold))
         for p_i, sentence in placed:
             sents = passages[p_i].sentences

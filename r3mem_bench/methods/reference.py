@@ -117,11 +117,15 @@ class FullContext(_StreamMethod):
     def retrieve(self, question: str, now=None) -> tuple[str, list[str]]:
         """All items, newest last, truncated from the front to fit the generator's prompt budget."""
         tok = self.lm.tokenizer
-        budget = self.generator.max_prompt_tokens - 128 if self.generator else self.max_context
+        if self.generator is not None and self.prompt is not None:  # room left by system, template and question
+            overhead = len(self.generator.encode(self.prompt.render(question=question, context="-")))
+            budget = self.generator.max_prompt_tokens - overhead - 8
+        else:
+            budget = self.max_context
         budget = min(budget, int(self.options.get("max_context_tokens") or budget))
         kept, used = [], 0
         for item in reversed(self.items):
-            n = len(tok(item.text, add_special_tokens=False)["input_ids"]) + 1
+            n = len(tok(_item_line(item), add_special_tokens=False)["input_ids"]) + 1  # +1: the newline
             if used + n > budget:
                 break
             kept.append(item)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 TIMING_FIELDS = ("latency_s", "seconds_per_segment", "answer_s", "ingest_s")
 TINY = ["--model", "tiny-random", "--threads", "1", "--quiet"]
-WORDS = ("memory river lantern quantum harbor velvet orbit meadow cipher granite echo prism tundra signal "
-         "été naïve über 中文 日本語 😀").split()
+WORDS = ["memory", "river", "lantern", "quantum", "harbor", "velvet", "orbit", "meadow", "cipher", "granite", "echo", "prism", "tundra", "signal", "été", "naïve", "über", "中文", "日本語", "😀"]
 
 
 def write_task(root: Path, docs: int = 5, words: int = 90, segment_len: int = 48, name: str = "reltask") -> Path:

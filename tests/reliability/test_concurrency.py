@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from reliability_helpers import TINY, all_rows, fork_cli, prepare_fork, strict_rows, write_task
 
 

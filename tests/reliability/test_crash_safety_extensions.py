@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import all_rows, fork_cli, prepare_fork
 
 KILLS = 5

@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
-from r3mem_bench.errors import UserError
 from reliability_helpers import TINY, write_task
+
+from r3mem_bench.errors import UserError
 
 GOOD = "task: mine\nfamily: lm\ndataset: {loader: pydoc}\n"
 

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from reliability_helpers import write_task
 
 from r3mem_bench import runner
 from r3mem_bench.errors import UserError
-from reliability_helpers import write_task
 
 
 @pytest.fixture
