@@ -13,8 +13,8 @@ booydar/recurrent-memory-transformer, read at
 * ``babilong-release`` @ 5a3d0722a10dc874b69075d74a8f66bffb957c2d: same file. Its ``manage_gradients`` *returns*
   the detached memory and the caller uses it; on the default branch the detached tensor is assigned to a local
   variable and dropped, so no truncation happens there. This module follows the released babilong behaviour:
-  in a sample of n segments the memory written by segment i (i >= 1) is detached when ``i + k2 <= n``, so
-  gradients flow through the last ``k2`` memory transitions only (``k2 = -1``: full BPTT).
+  in a sample of n segments the memory written by segment i (0-based, i >= 1) is detached when ``i + k2 <= n``:
+  gradients cross the hand-over from segment 0 and those from segments n-k2+1.. on (``k2 = -1``: full BPTT).
 
 What this adapter does (``rmt``):
 
@@ -31,6 +31,9 @@ What this adapter does (``rmt``):
   signal per step on a CPU budget), BPTT truncation as above, and a segment-count curriculum inside one run:
   the stages of ``curriculum`` (default 2, 3, ..., ``--segments`` segments per sample) share the step budget
   (``--steps``) equally; the official script runs each stage as a separate job warm-started from the previous.
+  The step comes from the trainer (``method.train_step``, set before each micro-batch, and ``train_steps`` in the
+  options). A staged curriculum as in the official script: ``--method-arg checkpoint=DIR`` warm-starts a training
+  run from an earlier stage's checkpoint and ``--method-arg curriculum=3,4`` sets the later stages.
 * LoRA on the frozen base model (peft; defaults r 8, alpha 16, no dropout, every linear layer: the same
   adapter settings as R3Mem's, so the two are trained alike) plus the memory embedding are the trainable
   parameters, at one learning rate as in the official script (its LoRA default is r 8, alpha 32); the base
@@ -42,6 +45,8 @@ QA families: the corpus or dialogue history is read recurrently (items in order,
 has one, cut into segments of the checkpoint's segment length) into the memory; the answer is generated greedily
 from ``[first prompt token][memory][rest of the shared chat prompt]`` with the task's closed-book template, so
 everything the model knows about the corpus comes through the M memory vectors. No item ids are retrieved.
+
+Held-out results (WikiText-2, SmolLM2-135M, both checkpoints) and their commands: ``results/rmt/heldout.md``.
 
 Costs: ``tokens_processed`` counts every position pushed through the model (sink, 2M slots, segment tokens;
 prompt, slots and generated tokens for QA); ``state_bytes`` is the memory tensor (M x H floats).

@@ -1,6 +1,6 @@
 """Harness overhead: full-context scoring of the same text through r3mem-bench vs a bare transformers loop.
 
-One process, one loaded model, the same torch threads, interleaved repeats (order alternating). The harness path
+One process, one loaded model, the same torch threads, interleaved repeats (order rotating). The harness path
 is the LM family's protocol with the ``full_context`` method in-process (tokenize, segment, score, per-segment
 bookkeeping, row building); the bare loop tokenizes the same text, prepends the same prefix token and takes
 ``cross_entropy`` of one forward pass. Also times lm-eval's ``hf`` model (``loglikelihood_rolling``, same model
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per document")
     ap.add_argument("--documents", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--lm-eval-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -66,18 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     texts = [d["text"] for d in docs]
     tokens = sum(min(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]), args.tokens) for t in texts)
     nll_h, nll_b = harness(lm, task, docs), bare_loop(lm, texts, args.tokens)  # warm-up, and the same numbers?
-    times: dict[str, list[float]] = {"harness": [], "bare": []}
-    for r in range(args.repeats):
-        order = ("harness", "bare") if r % 2 == 0 else ("bare", "harness")
-        for which in order:
-            t0 = time.perf_counter()
-            harness(lm, task, docs) if which == "harness" else bare_loop(lm, texts, args.tokens)
-            times[which].append(time.perf_counter() - t0)
     lm_eval = LmEvalRolling(lm, task, args.documents)
-    lm_eval_times, bpb = [], None
-    for _ in range(args.lm_eval_repeats):
-        seconds, bpb = lm_eval.run()
-        lm_eval_times.append(seconds)
+    _, bpb = lm_eval.run()  # warm-up: builds lm-eval's dataset cache
+    times: dict[str, list[float]] = {"harness": [], "bare": [], "lm_eval": []}
+    contenders = ("harness", "bare", "lm_eval")
+    for r in range(args.repeats):  # interleaved, the order rotating each repeat
+        for which in contenders[r % 3:] + contenders[: r % 3]:
+            t0 = time.perf_counter()
+            if which == "harness":
+                harness(lm, task, docs)
+            elif which == "bare":
+                bare_loop(lm, texts, args.tokens)
+            else:
+                lm_eval.run()
+            times[which].append(time.perf_counter() - t0)
+    lm_eval_times = times["lm_eval"]
     h, b, e = median(times["harness"]), median(times["bare"]), median(lm_eval_times)
     payload = {
         "model": args.model, "threads": args.threads, "documents": len(docs), "tokens": tokens,
@@ -85,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_ratio": h / b, "target_overhead_ratio": 1.05,
         "harness_tokens_per_s": tokens / h, "bare_tokens_per_s": tokens / b, "lm_eval_tokens_per_s": tokens / e,
         "throughput_ratio_vs_lm_eval": (tokens / h) / (tokens / e),
-        "seconds": {"harness": times["harness"], "bare": times["bare"], "lm_eval": lm_eval_times},
+        "seconds": times,
         "nll_sum": {"harness": nll_h, "bare": nll_b, "relative_difference": abs(nll_h - nll_b) / abs(nll_b)},
         "lm_eval_bits_per_byte": bpb,
-        "notes": "lm-eval seconds are whole simple_evaluate calls (task building, dataset loading, requests) on the "
-                 "same loaded model object; the first call also builds the dataset cache.",
+        "notes": "all three contenders interleaved in each repeat (rotating order), medians reported; lm-eval "
+                 "seconds are whole simple_evaluate calls (task building, dataset loading from its cache, requests) "
+                 "on the same loaded model object; a warm-up call before the repeats builds the dataset cache.",
     }
     path = write_result("harness_overhead", payload, args.out)
     print(f"overhead_ratio {h / b:.3f} (harness {h:.2f} s, bare {b:.2f} s median of {args.repeats}); "

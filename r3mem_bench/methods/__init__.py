@@ -13,6 +13,7 @@ from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryMethod
 
 _METHODS: dict[str, type[MemoryMethod]] = {}
+_DISCOVERED = False
 
 
 def register_method(cls: type[MemoryMethod]) -> type[MemoryMethod]:
@@ -22,8 +23,10 @@ def register_method(cls: type[MemoryMethod]) -> type[MemoryMethod]:
 
 
 def _discover() -> None:
-    if _METHODS.get("full_context"):
+    global _DISCOVERED
+    if _DISCOVERED:
         return
+    _DISCOVERED = True
     importlib.import_module("r3mem_bench.methods.reference")
     for mod in ("r3mem_bench.r3mem",):
         try:
