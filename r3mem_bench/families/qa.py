@@ -70,6 +70,13 @@ class QAFamily(Family):
             out["recall"] = rec
         return out
 
+    def _score(self, example: dict, answer, method) -> dict:
+        """``score``, without retrieval recall for methods that do not retrieve (closed book)."""
+        metrics = self.score(example, answer)
+        if not getattr(method, "retrieves", True):
+            metrics.pop("recall", None)
+        return metrics
+
     def evaluate(self, task, method, examples: list[dict], emit: Callable[[dict], None], progress=None) -> None:
         """Per corpus: reset, ingest once, answer its questions; one row per question."""
         groups: OrderedDict[str, list[dict]] = OrderedDict()
@@ -97,7 +104,7 @@ class QAFamily(Family):
                     "prompt_tokens": ans.prompt_tokens, "tokens_processed": method.tokens_processed - before,
                     "answer_s": time.perf_counter() - t1, "ingest_s": ingest_s, "ingest_tokens": ingest_tokens,
                     "state_bytes": state, "corpus_tokens": corpus_tokens,
-                    "metrics": self.score(ex, ans),
+                    "metrics": self._score(ex, ans, method),
                 })
                 if progress:
                     progress(ans.prompt_tokens)

@@ -151,6 +151,7 @@ class NoMemory(_StreamMethod):
     """
 
     name = "no_memory"
+    retrieves = False
     description = "current segment / sliding window only; closed-book QA (floor)"
 
     def __init__(self, lm, options=None, generator=None, prompt=None):
