@@ -52,6 +52,12 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   the context. Stored memories are float16.
 * Memory size: the checkpoint holds ``max_memory_tokens`` slots and training samples M from
   ``train_memory_sizes`` per sample (nested slots), so one checkpoint serves ``memory_tokens`` = 8/16/32/64.
+* Variants: ``r3mem_reset`` (same weights, memory emptied at every segment: the adapter's share),
+  ``r3mem_no_hier`` (document level only: QA keeps one recurrent memory) and ``r3mem_no_cycle``
+  (w_recon = w_cycle = 0); the last two change training and need their own ``r3mem-bench train`` run
+  to mean anything; with the shipped checkpoint they differ from ``r3mem`` only at inference (no_hier).
+
+Measured with the shipped checkpoint (32 CPU steps): ``results/r3mem/README.md``.
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ class R3Mem(MemoryMethod):
                             f"{sorted(set(ARCH_DEFAULTS) | set(RUN_DEFAULTS))}")
         self.cfg = {**ARCH_DEFAULTS, **RUN_DEFAULTS, **{k: v for k, v in opts.items() if k in ARCH_DEFAULTS or k in RUN_DEFAULTS},
                     **self.loss_overrides}
+        if "memory_tokens" not in opts:  # default 16, or all the slots of a smaller checkpoint
+            self.cfg["memory_tokens"] = min(RUN_DEFAULTS["memory_tokens"], int(self.cfg["max_memory_tokens"]))
         if not self.hierarchy:
             self.cfg["level_probs"] = [1.0, 0.0, 0.0]
         self.M = int(self.cfg["memory_tokens"])
