@@ -49,6 +49,13 @@ def measure(cmd: list[str], timeout: float) -> dict:
             "peak_rss_bytes": usage.ru_maxrss * 1024, "stderr_tail": tail[-1][:300] if tail else ""}
 
 
+def payload(args, base: dict, rows: dict) -> dict:
+    """The JSON body: settings, the model-only baseline and one entry per measured method."""
+    return {"model": args.model, "threads": args.threads, "limit": args.limit, "max_tokens": args.max_tokens,
+            "questions": args.questions, "baseline": base, "methods": rows,
+            "notes": "peak RSS = ru_maxrss of each child from os.wait4, one child per (method, task)."}
+
+
 def plot_bars(path: Path, title: str, values: dict[str, float], baseline: float) -> None:
     """Horizontal bars of MiB per method with the model-only baseline as a line."""
     import matplotlib
@@ -111,14 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             got["tasks"] = tasks
             got["peak_rss_over_baseline_bytes"] = got["peak_rss_bytes"] - base["peak_rss_bytes"]
             rows[name] = got
+            write_result("peak_rss", payload(args, base, rows), args.out)  # partial results survive an interruption
             print(f"{name:16s} rc={got['returncode']} {got['peak_rss_bytes'] / 2**20:8,.0f} MiB peak "
                   f"(+{got['peak_rss_over_baseline_bytes'] / 2**20:,.0f} MiB over the model) in {got['seconds']:.0f} s"
                   f"{'  untrained' if got.get('untrained') else ''}  {got['stderr_tail'] if got['returncode'] else ''}",
                   flush=True)
-    payload = {"model": args.model, "threads": args.threads, "limit": args.limit, "max_tokens": args.max_tokens,
-               "questions": args.questions, "baseline": base, "methods": rows,
-               "notes": "peak RSS = ru_maxrss of each child from os.wait4, one child per (method, task)."}
-    path = write_result("peak_rss", payload, args.out)
+    path = write_result("peak_rss", payload(args, base, rows), args.out)
     ok = {n: r for n, r in rows.items() if r["returncode"] == 0}
     plot_bars(path.with_suffix(".png"), f"Peak RSS per method ({args.model}; line: model only)",
               {n: r["peak_rss_bytes"] / 2**20 for n, r in ok.items()}, base["peak_rss_bytes"] / 2**20)
