@@ -170,8 +170,9 @@ def load_reconstruction(folder: Path) -> tuple[list[dict], str]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        label = data.get("label", path.stem) if isinstance(data, dict) else path.stem
-        records = data.get("points", []) if isinstance(data, dict) else data
+        single = isinstance(data, dict) and "points" not in data  # one record per file (`reconstruct --json`)
+        label = data.get("label", "r3mem" if single else path.stem) if isinstance(data, dict) else path.stem
+        records = [data] if single else (data.get("points", []) if isinstance(data, dict) else data)
         for rec in records if isinstance(records, list) else []:
             if not isinstance(rec, dict):
                 continue
@@ -180,6 +181,9 @@ def load_reconstruction(folder: Path) -> tuple[list[dict], str]:
                 if xk and isinstance(rec.get(yk), (int, float)):
                     points.append({"x": float(rec[xk]), "y": float(rec[yk]), "x_name": xk, "y_name": yk,
                                    "label": str(rec.get("label", label))})
+                if xk and isinstance(rec.get(f"empty_memory_{yk}"), (int, float)):  # the no-information control
+                    points.append({"x": float(rec[xk]), "y": float(rec[f"empty_memory_{yk}"]), "x_name": xk,
+                                   "y_name": yk, "label": "empty memory"})
     if not points:
         return [], (f"r3mem reconstruction plot skipped: {folder} has no records with a memory size "
                     f"({', '.join(RECON_X)}) and a quality ({', '.join(RECON_Y)})")
