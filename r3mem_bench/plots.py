@@ -153,6 +153,11 @@ def plot_categories(report: Report, outdir: Path) -> list[Path]:
     return save(fig, outdir / "dialogue_categories")
 
 
+def empty_label(label: str) -> str:
+    """The series name of the empty-memory control of series ``label``."""
+    return "empty memory" if label == "r3mem" else f"{label}, empty memory"
+
+
 def load_reconstruction(folder: Path) -> tuple[list[dict], str]:
     """Points ``{x, y, x_name, y_name, label}`` from ``folder/*.json``, and a message when there are none.
 
@@ -183,7 +188,7 @@ def load_reconstruction(folder: Path) -> tuple[list[dict], str]:
                                    "label": str(rec.get("label", label))})
                 if xk and isinstance(rec.get(f"empty_memory_{yk}"), (int, float)):  # the no-information control
                     points.append({"x": float(rec[xk]), "y": float(rec[f"empty_memory_{yk}"]), "x_name": xk,
-                                   "y_name": yk, "label": "empty memory"})
+                                   "y_name": yk, "label": empty_label(str(rec.get("label", label)))})
     if not points:
         return [], (f"r3mem reconstruction plot skipped: {folder} has no records with a memory size "
                     f"({', '.join(RECON_X)}) and a quality ({', '.join(RECON_Y)})")

@@ -30,12 +30,24 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   by -shift moves a key to another position exactly) to positions 1..M, so a memory is position-independent
   and the recurrence ``memory_t = compress(segment_t | memory_{t-1})`` keeps the same layout for ever:
   a constant-size state for any history length.
-* Forward (retain, ``compress`` adapter): one pass over ``[BOS][memory][BOS as read marker][segment][slots]``
-  both scores the segment given the memory (the read marker predicts the first token, from the memory and
-  the same BOS no_memory uses) and writes the next memory. The memory before the first segment is the
-  "empty" memory: the slots run through ``[BOS][slots]`` alone.
+* Forward (retain, ``compress`` adapter): ``[BOS][memory][BOS as read marker][segment][slots]`` writes the next
+  memory (the slots' keys/values). The memory before the first segment is the "empty" memory: the slots run
+  through ``[BOS][slots]`` alone.
 * Backward (retrieve, ``expand`` adapter): ``[BOS][memory][AE marker]`` decodes the text (teacher forcing in
   training, greedy in ``reconstruct(memory)``), ending with EOS.
+* Reading the memory for the next segment (``reader`` option). ``reader=expand`` (default since the shipped
+  two-stage checkpoint): the decoder side reads, as in ICAE where one decoder both reconstructs (AE token) and
+  continues (LM token) from the memory: ``[BOS][memory][BOS][segment]`` under ``expand`` scores the segment
+  (the read marker BOS predicts its first token; no_memory starts from the same BOS), then a ``compress``
+  pass writes. Measured reason: with ``reader=compress`` (one pass reads and writes) the reconstruction
+  warm-up that teaches the writer drifted the same adapter's reading (KL to the base model 1.0-1.3 nats), and
+  the 150-step run of that design gave no memory gain over its reset control (36.00 vs 35.56); with the expand
+  reader the writer may change freely and the reader is the adapter that has learnt to attend to memories.
+  Cost: two passes per segment instead of one, counted in ``tokens_processed``. Old checkpoints without the
+  option load as ``reader=compress``.
+* Training in two stages with the project's ``train`` command: (1) ``recon_warmup_steps`` steps of
+  autoencoding only (one segment -> memory -> reconstruct it; ICAE's pretraining objective), which teaches the
+  writer to put the text into the slots; (2) ``train --init-from STAGE1`` with every loss below.
 * Losses (weights in the options): ``lm`` = next-segment NLL given the recurrent memory (segments 2..K);
   ``kl`` = KL(base || adapted) on the first segment, read with the empty memory (keeps the adapter's own drift
   small: the probe lost ~8 PPL to drift on other text); ``recon`` = reconstruction NLL of the last segment
@@ -57,7 +69,7 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   (w_recon = w_cycle = 0); the last two change training and need their own ``r3mem-bench train`` run
   to mean anything; with the shipped checkpoint they differ from ``r3mem`` only at inference (no_hier).
 
-Measured with the shipped checkpoint (32 CPU steps): ``results/r3mem/README.md``.
+Measured with the shipped checkpoint: ``results/r3mem/README.md``.
 """
 
 from __future__ import annotations
@@ -82,12 +94,15 @@ WEIGHTS, META = "r3mem.safetensors", "r3mem.json"
 SHIPPED = Path(__file__).resolve().parent.parent / "results" / "checkpoints"
 
 # Options: architecture (fixed by a checkpoint) and behaviour (free at run time).
-ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear"}
+ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear",
+                 "reader": "expand"}
+LEGACY_ARCH = {"reader": "compress"}  # checkpoints written before an option existed behave as they were trained
 RUN_DEFAULTS = {
     "memory_tokens": 16, "segment_len": 128, "train_segments": 3, "train_memory_sizes": [8, 16, 32, 64],
     "train_memory_probs": [0.2, 0.5, 0.2, 0.1], "level_probs": [0.6, 0.2, 0.2], "w_lm": 1.0, "w_kl": 1.0,
     "w_recon": 1.0, "w_cycle": 0.2, "lr_compress_scale": 0.3, "top_k": 3, "max_entities": 32,
     "entity_extractor": "capitalised", "max_item_tokens": 512, "recon_max_tokens": 160, "save_dtype": "float16",
+    "recon_warmup_steps": 0,
 }
 LEVELS = ("document", "paragraph", "entity")
 
@@ -123,7 +138,7 @@ class R3Mem(MemoryMethod):
             ckpt_dir = self._checkpoint_dir(opts.get("checkpoint"))
             ckpt_meta = self._read_meta(ckpt_dir)
             for key in ARCH_DEFAULTS:
-                opts.setdefault(key, ckpt_meta["config"][key])
+                opts.setdefault(key, ckpt_meta["config"].get(key, LEGACY_ARCH.get(key)))
         unknown = set(opts) - set(ARCH_DEFAULTS) - set(RUN_DEFAULTS) - {"checkpoint", "untrained", "memory_budget", "train_steps"}
         if unknown:
             raise UserError(f"r3mem: unknown option '{sorted(unknown)[0]}'; fix: use one of "
@@ -135,6 +150,8 @@ class R3Mem(MemoryMethod):
         if not self.hierarchy:
             self.cfg["level_probs"] = [1.0, 0.0, 0.0]
         self.M = int(self.cfg["memory_tokens"])
+        if self.cfg["reader"] not in ("expand", "compress"):
+            raise UserError(f"r3mem: reader={self.cfg['reader']!r}; fix: use reader=expand or reader=compress")
         if not 1 <= self.M <= int(self.cfg["max_memory_tokens"]):
             raise UserError(f"r3mem: memory_tokens={self.M} but the checkpoint has {self.cfg['max_memory_tokens']} "
                             "slots; fix: use memory_tokens between 1 and that, or train with a larger max_memory_tokens")
@@ -276,15 +293,39 @@ class R3Mem(MemoryMethod):
         keys = rotate_keys(slot_kv[:, 0], -(M + 1 + T), self.rotary)  # -> positions 1..M
         return hidden[:, :T], torch.stack([keys, slot_kv[:, 1]], dim=1)
 
-    def expand_logits(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced reconstruction: logits [B, T, V] predicting ``tokens`` [B, T] from the memory alone."""
+    def expand_logits(self, memory: torch.Tensor, tokens: torch.Tensor, marker: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Teacher-forced decoding under ``expand``: logits [B, T, V] predicting ``tokens`` [B, T] from the memory
+        and ``marker`` [d] (default: the reconstruction marker, i.e. reconstruction from the memory alone)."""
         self._use("expand")
         B, T = tokens.shape
         M = memory.shape[-2]
         past = torch.cat([self._bos_kv("expand", B), memory], dim=-2)
-        embeds = torch.cat([self.ae_marker.view(1, 1, -1).expand(B, 1, -1), self.embed(tokens[:, :-1])], dim=1)
+        marker = self.ae_marker if marker is None else marker
+        embeds = torch.cat([marker.view(1, 1, -1).expand(B, 1, -1), self.embed(tokens[:, :-1])], dim=1)
         hidden, _ = self._forward(past, embeds, M + 1)
         return self.lm_head(hidden)
+
+    def read(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] of ``tokens`` [B, T] given ``memory``, and (``write``) the memory that absorbed them.
+
+        ``reader=compress``: one ``compress`` pass reads and writes. ``reader=expand`` (ICAE-style decoder): the
+        ``expand`` adapter reads ``[BOS][memory][BOS][tokens]`` as it reads for reconstruction, only with the
+        read marker (BOS) instead of the reconstruction marker; a separate ``compress`` pass writes.
+        """
+        if self.cfg["reader"] == "compress":
+            hidden, new = self.compress(tokens, memory, write=write)
+            return self.lm_head(hidden), new
+        read_marker = self.embed(torch.tensor(self.bos, device=tokens.device))  # [d]
+        logits = self.expand_logits(memory, tokens, marker=read_marker)
+        new = self.compress(tokens, memory, write=True)[1] if write else None
+        return logits, new
+
+    def read_cost(self, T: int, M: int, write: bool) -> int:
+        """Tokens run through the model by one ``read`` of T tokens with M memory slots."""
+        one_pass = 1 + T + (M if write else 0)
+        return one_pass if self.cfg["reader"] == "compress" else (1 + T) + (1 + T + M if write else 0)
 
     @torch.no_grad()
     def reconstruct_ids(self, memory: torch.Tensor, max_tokens: int | list[int] | None = None) -> list[list[int]]:
@@ -333,10 +374,10 @@ class R3Mem(MemoryMethod):
         """NLL [S] of the segment given the recurrent memory; the memory then absorbs the segment."""
         memory = self.memory if (self.memory is not None and not self.reset_each_segment) else self.empty_memory()
         tokens = segment_ids.to(self.lm.device).unsqueeze(0)  # [1, S]
-        hidden, new = self.compress(tokens, memory, write=not self.reset_each_segment)
-        nll = token_nll(self.lm_head(hidden), tokens)[0].cpu()
+        logits, new = self.read(tokens, memory, write=not self.reset_each_segment)
+        nll = token_nll(logits, tokens)[0].cpu()
         self.memory = new if new is not None else memory
-        self.tokens_processed += 1 + tokens.shape[1] + (self.M if new is not None else 0)
+        self.tokens_processed += self.read_cost(tokens.shape[1], self.M, new is not None)
         return nll
 
     def state_bytes(self) -> int:
@@ -347,8 +388,7 @@ class R3Mem(MemoryMethod):
     # ---- training --------------------------------------------------------------------------------------
     def _lm_nll(self, memory: torch.Tensor, tokens: torch.Tensor, write: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Mean NLL of ``tokens`` [1, T] read after ``memory``; also the logits and the written memory."""
-        hidden, new = self.compress(tokens, memory, write=write)
-        logits = self.lm_head(hidden)
+        logits, new = self.read(tokens, memory, write=write)
         return token_nll(logits, tokens).mean(), logits, new
 
     def _recon_and_cycle(self, memory: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -397,14 +437,22 @@ class R3Mem(MemoryMethod):
         c = self.cfg
         sizes, probs = c["train_memory_sizes"], torch.tensor(c["train_memory_probs"], dtype=torch.float)
         M = int(sizes[int(torch.multinomial(probs, 1))])
-        level = LEVELS[int(torch.multinomial(torch.tensor(c["level_probs"], dtype=torch.float), 1))]
-        pair = self._pair(segments, level) if level != "document" else None
-        if pair is None:
-            level = "document"
         dev = self.lm.device
         empty = self.empty_memory(M)
         zero = torch.zeros((), device=dev)
         losses = {"lm": zero, "kl": zero, "recon": zero, "cycle": zero}
+        if getattr(self, "train_step", 0) < int(c["recon_warmup_steps"]):
+            # autoencoding warm-up (as ICAE's pretraining): the memory of one segment must reconstruct it
+            seg = segments[0].to(dev).unsqueeze(0)
+            _, memory = self.compress(seg, empty)
+            losses.update(self._recon_and_cycle(memory, seg, empty))
+            losses["loss"] = c["w_recon"] * losses["recon"] + c["w_cycle"] * losses["cycle"]
+            losses["M"], losses["level_warmup"] = torch.tensor(float(M)), torch.tensor(1.0)
+            return losses
+        level = LEVELS[int(torch.multinomial(torch.tensor(c["level_probs"], dtype=torch.float), 1))]
+        pair = self._pair(segments, level) if level != "document" else None
+        if pair is None:
+            level = "document"
         if level == "document":
             memory, lm_terms = empty, []
             for t, seg in enumerate(segments):
@@ -557,16 +605,16 @@ class R3Mem(MemoryMethod):
         if not ids or not memories:
             return [0.0] * len(memories)
         q = torch.tensor([ids], device=self.lm.device)
-        base, _ = self.compress(q, self.empty_memory(), write=False)
-        base_nll = token_nll(self.lm_head(base), q).mean()
+        base, _ = self.read(q, self.empty_memory(), write=False)
+        base_nll = token_nll(base, q).mean()
         scores = []
         for start in range(0, len(memories), 16):
             batch = torch.stack(memories[start: start + 16], dim=2).float()  # [L,2,B,H,M,D]
             B = batch.shape[2]
-            hidden, _ = self.compress(q.expand(B, -1), batch, write=False)
-            nll = token_nll(self.lm_head(hidden), q.expand(B, -1)).mean(-1)
+            logits, _ = self.read(q.expand(B, -1), batch, write=False)
+            nll = token_nll(logits, q.expand(B, -1)).mean(-1)
             scores.extend((base_nll - nll).tolist())
-            self.tokens_processed += B * (1 + q.shape[1])
+            self.tokens_processed += B * self.read_cost(q.shape[1], batch.shape[-2], False)
         return scores
 
     @torch.no_grad()

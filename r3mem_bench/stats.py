@@ -174,3 +174,31 @@ def paired_test(sample: Sample, reference: Sample, n_resamples: int = 1000, seed
         res = sstats.permutation_test((a, b), diff, permutation_type="samples", vectorized=True,
                                       n_resamples=n_resamples, rng=np.random.default_rng(seed))
     return PairedResult(len(order), float(value), float(ref_value), float(res.pvalue))
+
+
+def paired_bootstrap_diff(sample: Sample, reference: Sample, n_resamples: int = 1000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float, float] | None:
+    """Metric(method) - metric(reference) on shared units, with a paired percentile bootstrap interval.
+
+    Units are resampled jointly for both methods (the denominators of the method serve both, as in
+    :func:`paired_test`). None when fewer than 2 units are shared.
+    """
+    shared = set(reference.ids)
+    order = [u for u in sample.ids if u in shared]
+    if len(order) < 2:
+        return None
+    a, b, den = _pick(sample, order, "num"), _pick(reference, order, "num"), _pick(sample, order, "den")
+
+    def diff(x, y, d, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = lambda v: _finish(np.sum(v, axis=axis) / np.sum(d, axis=axis), sample.log_scale)  # noqa: E731
+            return ratio(x) - ratio(y)
+
+    value = float(diff(a, b, den))
+    if np.allclose(a, b, rtol=0, atol=1e-12):
+        return value, value, value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sstats.bootstrap((a, b, den), diff, paired=True, vectorized=True, n_resamples=n_resamples,
+                               method="percentile", confidence_level=level, rng=np.random.default_rng(seed))
+    return value, float(res.confidence_interval.low), float(res.confidence_interval.high)

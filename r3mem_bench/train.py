@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     method_options: dict = field(default_factory=dict)
+    init_from: Optional[str] = None
 
 
 def load_corpus(name: str, data: str | None = None) -> list[dict]:
@@ -249,6 +250,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     torch.manual_seed(cfg.seed)
     method = cls(lm, options)
     method.seed = cfg.seed
+    init_meta = _init_from(method, cfg.init_from) if cfg.init_from else None
     params = method.trainable_parameters()
     if not params:
         raise UserError(f"method '{cfg.method}' exposes no trainable parameters")
@@ -319,13 +321,25 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
         return root
     meta = {"training": {**asdict(cfg), "data": data.description, "step": step, "seconds": round(state["seconds"], 1),
                          "steps_changes": state.get("steps_changes", []),
-                         "loss_curve": _summarise(state["history"])}}
+                         "loss_curve": _summarise(state["history"]),
+                         **({"init_training": init_meta} if init_meta else {})}}
     method.save_checkpoint(root, meta)
     done = {"step": step, "config": _config_for_check(cfg), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (root / "train_done.json").write_text(json.dumps(done, indent=1) + "\n")
     if not keep_resume:
         shutil.rmtree(root / "resume", ignore_errors=True)
     return root
+
+
+def _init_from(method, path: str) -> dict:
+    """Load a finished checkpoint's weights as the starting point (a new optimizer); its training record."""
+    root = Path(path)
+    if not (root / "train_done.json").exists():
+        raise UserError(f"--init-from {root}: no finished training there (train_done.json missing); fix: pass a "
+                        "directory written by a completed `r3mem-bench train`")
+    method.load_checkpoint(root)
+    meta = getattr(method, "checkpoint_meta", None) or {}
+    return meta.get("training", {})
 
 
 def _summarise(history: list[dict], buckets: int = 10) -> list[dict]:
@@ -365,6 +379,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads"),
         method_arg: list[str] = typer.Option([], "--method-arg", help="Method option key=value (repeatable)."),
         keep_resume: bool = typer.Option(False, "--keep-resume", help="Keep resume/ (optimizer state) at the end."),
+        init_from: Optional[str] = typer.Option(None, "--init-from",
+                                                help="Start from a finished checkpoint's weights (staged training)."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ) -> None:
         """Train a memory method's adapters/memory parameters; resumable, deterministic per seed."""
@@ -373,7 +389,7 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig(method=method, model=model, data_mix=task or data_mix, data=data, steps=steps,
                           output=output, segment_len=segment_len, segments=segments, grad_accum=grad_accum, lr=lr,
                           warmup=min(warmup, steps), checkpoint_every=checkpoint_every, seed=seed, threads=threads,
-                          method_options=_parse_options(method_arg))
+                          method_options=_parse_options(method_arg), init_from=init_from)
         root = train(cfg, quiet=quiet, keep_resume=keep_resume)
         typer.echo(f"checkpoint: {root}")
 
@@ -387,6 +403,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads"),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON report instead of text."),
         no_greedy: bool = typer.Option(False, "--no-greedy", help="Teacher-forced scores only (no decoding)."),
+        label: Optional[str] = typer.Option(None, "--label", help="Series name stored in the JSON (plots, tables)."),
     ) -> None:
         """Compress a text with R3Mem, reconstruct it from the memory; print it, token accuracy and ROUGE-L."""
         from r3mem_bench.methods import get_method_class
@@ -416,16 +433,20 @@ def register(app: typer.Typer) -> None:
             options["checkpoint"] = checkpoint
         method = get_method_class("r3mem")(lm, options)
         report = method.reconstruction_report(body, greedy=not no_greedy)
-        empty = method.reconstruction_report(body, empty=True, greedy=False)
+        empty = method.reconstruction_report(body, empty=True, greedy=not no_greedy)
         summary = {"token_accuracy": report["token_accuracy"], "ppl": report["ppl"], "rouge_l": report["rouge_l"],
                    "empty_memory_token_accuracy": empty["token_accuracy"], "empty_memory_ppl": empty["ppl"],
-                   "memory_tokens": memory_tokens, "chunks": len(report["chunks"])}
+                   "empty_memory_rouge_l": empty["rouge_l"], "memory_tokens": memory_tokens,
+                   "segment_len": segment_len, "chunks": len(report["chunks"]), "tokens": sum(
+                       c["tokens"] for c in report["chunks"]), "checkpoint": str(checkpoint or "shipped"),
+                   **({"label": label} if label else {})}
         if as_json:
             typer.echo(json.dumps({**summary, "reconstruction": [c["reconstruction"] for c in report["chunks"]]},
                                   indent=1))
             return
         typer.echo("\n".join(c["reconstruction"] for c in report["chunks"]))
-        rouge = "n/a" if summary["rouge_l"] is None else f"{summary['rouge_l']:.3f}"
+        rouge = "n/a" if summary["rouge_l"] is None else (f"{summary['rouge_l']:.3f} "
+                                                          f"(empty {summary['empty_memory_rouge_l']:.3f})")
         typer.echo(f"\ntoken accuracy (teacher-forced) {summary['token_accuracy']:.3f} "
                    f"(empty memory {summary['empty_memory_token_accuracy']:.3f}); reconstruction PPL "
                    f"{summary['ppl']:.2f} (empty {summary['empty_memory_ppl']:.2f}); ROUGE-L (greedy) "

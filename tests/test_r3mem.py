@@ -123,9 +123,13 @@ def test_only_adapters_and_memory_embeddings_get_gradients(tiny_lm, level):
             assert p.grad is None, name
     assert m.slots.grad is not None and m.slots.grad.abs().sum() > 0
     assert m.ae_marker.grad.abs().sum() > 0
+    last = f"layers.{tiny_lm.model.config.num_hidden_layers - 1}."
     for adapter in ("compress", "expand"):
-        grads = [p.grad for n, p in trainable.items() if f".{adapter}." in n and "lora_B" in n]
-        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), adapter
+        # with the expand reader, the compress pass only writes the slots' keys/values: its last layer's
+        # query/output/MLP weights cannot affect anything (their gradient is exactly zero), all others must learn
+        grads = {n: p.grad for n, p in trainable.items() if f".{adapter}." in n and "lora_B" in n
+                 and not (adapter == "compress" and last in n and not any(k in n for k in ("k_proj", "v_proj")))}
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), adapter
     assert all(p.requires_grad for p in trainable.values())
     assert sum(p.requires_grad for p in tiny_lm.model.parameters()) == 0  # the shared base model is untouched
 
@@ -232,3 +236,44 @@ def test_variants_are_registered():
         assert methods[name].trainable
     assert methods["r3mem_reset"].families == ("lm",)
     assert methods["r3mem_no_cycle"].loss_overrides == {"w_recon": 0.0, "w_cycle": 0.0}
+
+
+def test_recon_warmup_stage_trains_only_the_autoencoder(tiny_lm):
+    m = trainee(tiny_lm, recon_warmup_steps=2)
+    m.train_step = 0
+    losses = m.training_losses(segs(2))
+    assert losses["level_warmup"] == 1 and float(losses["lm"]) == 0 and float(losses["kl"]) == 0
+    assert float(losses["recon"]) > 0
+    losses["loss"].backward()
+    assert m.slots.grad.abs().sum() > 0
+    m.train_step = 2  # past the warm-up: every loss again
+    losses = m.training_losses(segs(2))
+    assert "level_warmup" not in losses and float(losses["lm"]) > 0
+
+
+@pytest.mark.parametrize("reader", ["expand", "compress"])
+def test_both_readers_read_the_memory_and_count_their_passes(tiny_lm, reader):
+    m = trainee(tiny_lm, reader=reader)
+    m.train(False)
+    first1, first2, second = segs(3)
+    outs = []
+    for first in (first1, first2):
+        m.reset()
+        m.score_segment(first)
+        before = m.tokens_processed
+        outs.append(m.score_segment(second))
+        assert m.tokens_processed - before == m.read_cost(16, 4, True)
+    assert not torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert m.read_cost(16, 4, True) == (17 if reader == "compress" else 17 + 17) + 4
+
+
+def test_legacy_checkpoint_without_reader_loads_as_compress_reader(tiny_lm, tmp_path):
+    m = trainee(tiny_lm, reader="compress")
+    m.save_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "r3mem.json").read_text())
+    del meta["config"]["reader"]
+    (tmp_path / "ck" / "r3mem.json").write_text(json.dumps(meta))
+    loaded = get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 4})
+    assert loaded.cfg["reader"] == "compress"
+    with pytest.raises(UserError, match="reader"):
+        get_method_class("r3mem")(tiny_lm, {"untrained": True, "reader": "sideways"})

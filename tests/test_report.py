@@ -136,3 +136,24 @@ def test_r3mem_reconstruction_plot_reads_json_or_explains(tmp_path):
         {"label": "r3mem", "points": [{"memory_tokens": m, "token_accuracy": a} for m, a in ((8, 0.3), (16, 0.4))]}))
     files, message = plot_reconstruction(tmp_path / "r3mem", tmp_path / "p")
     assert message == "" and {p.name for p in files} == {"r3mem_reconstruction.png", "r3mem_reconstruction.pdf"}
+
+
+def test_memory_gain_table_and_reconstruction_table(finished, tmp_path):
+    from r3mem_bench.report import Report, reconstruction_table, table_latex, table_markdown
+
+    _, out = finished
+    rep = Report(collect([str(out)]))
+    gain = rep.memory_gain_table()
+    rows = {labels[-1]: vals for labels, vals in gain.rows}
+    assert set(rows) == {"no_memory", "full_context"}
+    ppl, vs_none, vs_reset, gap = rows["full_context"]
+    assert vs_none.lo <= vs_none.value <= vs_none.hi and vs_reset is None and gap.value == pytest.approx(100.0)
+    assert rows["no_memory"][1] is None and rows["no_memory"][3].value == 0.0
+    assert "[" in table_markdown(gain) and r"$\Delta$" in table_latex(gain)
+    assert reconstruction_table(tmp_path / "absent") is None
+    (tmp_path / "reconstruct_M8.json").write_text(json.dumps(
+        {"memory_tokens": 8, "token_accuracy": 0.6, "empty_memory_token_accuracy": 0.2, "rouge_l": 0.5,
+         "empty_memory_rouge_l": 0.1}))
+    recon = reconstruction_table(tmp_path)
+    assert recon.columns == ["rouge_l", "rouge_l (empty memory)", "token_accuracy", "token_accuracy (empty memory)"]
+    assert [v.value for v in recon.rows[0][1]] == [0.5, 0.1, 0.6, 0.2]

@@ -127,3 +127,15 @@ def test_qa_protocol_reads_the_corpus_into_memory(tiny_lm):
     assert rows[0]["ingest_tokens"] == n_seg * (1 + 8) + corpus_tokens
     assert all(r["retrieved_ids"] == [] and r["prompt_tokens"] > 4 for r in rows)
     assert "recall" in rows[0]["metrics"] and rows[0]["metrics"]["recall"] == 0.0
+
+
+def test_training_starts_from_scratch_even_when_a_shipped_checkpoint_exists(tiny_lm, tmp_path, monkeypatch):
+    import r3mem_bench.baselines.rmt as rmt_module
+
+    m = make(tiny_lm, lora_r=4)
+    m.save_checkpoint(tmp_path / "rmt-tiny-random")
+    monkeypatch.setattr(rmt_module, "SHIPPED", tmp_path)
+    shipped = get_method_class("rmt")(tiny_lm, {})
+    assert shipped.checkpoint_id.startswith(str(tmp_path)) and shipped.lora["r"] == 4
+    fresh = get_method_class("rmt")(tiny_lm, {"train_segments": 2, "lora_r": 16})  # what the trainer passes
+    assert fresh.checkpoint_id == "" and fresh.lora["r"] == 16

@@ -73,3 +73,15 @@ def test_category_units_and_seed_merging():
     merged = stats.merge_seeds([s0, s1])
     assert merged.ids == ["q0", "q1"] and list(merged.num) == [0.5, 0.0]
     assert math.isclose(merged.value(), 0.25)
+
+
+def test_paired_bootstrap_difference_excludes_zero_only_for_a_real_shift():
+    base = stats.units("lm", _lm_rows(30, seed=1), "ppl_after_first", {}, "document")
+    better = stats.units("lm", _lm_rows(30, shift=-0.2, seed=1), "ppl_after_first", {}, "document")
+    diff, lo, hi = stats.paired_bootstrap_diff(better, base, 2000, 0)
+    assert diff == pytest.approx(better.value() - base.value()) and lo <= diff <= hi < 0
+    noise = stats.units("lm", _lm_rows(30, seed=2), "ppl_after_first", {}, "document")
+    _, lo, hi = stats.paired_bootstrap_diff(noise, base, 2000, 0)
+    assert lo < 0 < hi
+    assert stats.paired_bootstrap_diff(base, base) == (0.0, 0.0, 0.0)
+    assert stats.paired_bootstrap_diff(better, stats.units("lm", _lm_rows(1), "ppl", {}, "document")) is None

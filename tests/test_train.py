@@ -136,3 +136,17 @@ def test_schedule_and_refusals(tmp_path, corpus):
         train(config(tmp_path / "y", corpus, method="no_memory"), quiet=True)
     with pytest.raises(UserError, match="must be positive"):
         train(config(tmp_path / "z", corpus, steps=0), quiet=True)
+
+
+def test_init_from_starts_a_second_stage_from_finished_weights(tmp_path, corpus):
+    warm = {**METHOD_ARGS, "recon_warmup_steps": 2}
+    stage1 = train(config(tmp_path / "s1", corpus, steps=2, method_options=warm), quiet=True)
+    log = [json.loads(x) for x in (stage1 / "train_log.jsonl").read_text().splitlines()]
+    assert all(r.get("level_warmup") == 1 and r["lm"] == 0 for r in log)
+    stage2 = train(config(tmp_path / "s2", corpus, steps=2, lr=0.0, warmup=1, init_from=str(stage1)), quiet=True)
+    assert same(weights(stage1), weights(stage2))  # lr 0: the second stage starts exactly at the first's weights
+    meta = json.loads((stage2 / "r3mem.json").read_text())
+    assert meta["training"]["init_from"] == str(stage1)
+    assert meta["training"]["init_training"]["method_options"]["recon_warmup_steps"] == 2
+    with pytest.raises(UserError, match="--init-from"):
+        train(config(tmp_path / "s3", corpus, init_from=str(tmp_path / "nowhere")), quiet=True)
