@@ -69,7 +69,10 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   (w_recon = w_cycle = 0); the last two change training and need their own ``r3mem-bench train`` run
   to mean anything; with the shipped checkpoint they differ from ``r3mem`` only at inference (no_hier).
 
-Measured with the shipped checkpoint: ``results/r3mem/README.md``.
+Measured with the shipped checkpoint (``results/r3mem/README.md``): on held-out pydoc topics the memory beats
+both no_memory and the reset control (PPL 11.5 vs 19.6 and 14.5); on WikiText-2 it beats no_memory but not the
+reset control (36.3 vs 37.9 and 34.9); reconstruction halves the perplexity of an empty memory but greedy
+decoding does not reproduce the text.
 """
 
 from __future__ import annotations

@@ -436,7 +436,8 @@ def register(app: typer.Typer) -> None:
         empty = method.reconstruction_report(body, empty=True, greedy=not no_greedy)
         summary = {"token_accuracy": report["token_accuracy"], "ppl": report["ppl"], "rouge_l": report["rouge_l"],
                    "empty_memory_token_accuracy": empty["token_accuracy"], "empty_memory_ppl": empty["ppl"],
-                   "empty_memory_rouge_l": empty["rouge_l"], "memory_tokens": memory_tokens,
+                   "empty_memory_rouge_l": empty["rouge_l"], "reconstruction_ppl": report["ppl"],
+                   "empty_memory_reconstruction_ppl": empty["ppl"], "memory_tokens": memory_tokens,
                    "segment_len": segment_len, "chunks": len(report["chunks"]), "tokens": sum(
                        c["tokens"] for c in report["chunks"]), "checkpoint": str(checkpoint or "shipped"),
                    **({"label": label} if label else {})}
