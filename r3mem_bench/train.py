@@ -434,13 +434,12 @@ def register(app: typer.Typer) -> None:
         method = get_method_class("r3mem")(lm, options)
         report = method.reconstruction_report(body, greedy=not no_greedy)
         empty = method.reconstruction_report(body, empty=True, greedy=not no_greedy)
-        summary = {"token_accuracy": report["token_accuracy"], "ppl": report["ppl"], "rouge_l": report["rouge_l"],
-                   "empty_memory_token_accuracy": empty["token_accuracy"], "empty_memory_ppl": empty["ppl"],
-                   "empty_memory_rouge_l": empty["rouge_l"], "reconstruction_ppl": report["ppl"],
-                   "empty_memory_reconstruction_ppl": empty["ppl"], "memory_tokens": memory_tokens,
-                   "segment_len": segment_len, "chunks": len(report["chunks"]), "tokens": sum(
-                       c["tokens"] for c in report["chunks"]), "checkpoint": str(checkpoint or "shipped"),
-                   **({"label": label} if label else {})}
+        summary = {"token_accuracy": report["token_accuracy"], "reconstruction_ppl": report["ppl"],
+                   "rouge_l": report["rouge_l"], "empty_memory_token_accuracy": empty["token_accuracy"],
+                   "empty_memory_reconstruction_ppl": empty["ppl"], "empty_memory_rouge_l": empty["rouge_l"],
+                   "memory_tokens": memory_tokens, "segment_len": segment_len, "chunks": len(report["chunks"]),
+                   "tokens": sum(c["tokens"] for c in report["chunks"]), "text": text,
+                   "checkpoint": str(checkpoint or "shipped"), **({"label": label} if label else {})}
         if as_json:
             typer.echo(json.dumps({**summary, "reconstruction": [c["reconstruction"] for c in report["chunks"]]},
                                   indent=1))
@@ -450,5 +449,6 @@ def register(app: typer.Typer) -> None:
                                                           f"(empty {summary['empty_memory_rouge_l']:.3f})")
         typer.echo(f"\ntoken accuracy (teacher-forced) {summary['token_accuracy']:.3f} "
                    f"(empty memory {summary['empty_memory_token_accuracy']:.3f}); reconstruction PPL "
-                   f"{summary['ppl']:.2f} (empty {summary['empty_memory_ppl']:.2f}); ROUGE-L (greedy) "
+                   f"{summary['reconstruction_ppl']:.2f} (empty {summary['empty_memory_reconstruction_ppl']:.2f}); "
+                   "ROUGE-L (greedy) "
                    f"{rouge}; M={memory_tokens}, {summary['chunks']} chunk(s)")
