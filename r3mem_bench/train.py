@@ -27,9 +27,11 @@ What the trainer does
 ---------------------
 * Data (``--data-mix``, default ``shakespeare+pydoc_train``; ``--task`` is a synonym): documents from corpora a
   user can obtain, disjoint from every evaluation split. ``shakespeare`` is the bundled tinyshakespeare,
-  ``pydoc_train`` the train split of ``pydoc_data.topics`` (``families.lm.load_pydoc``); ``--data FILE`` adds a
-  .txt/.jsonl file. The evaluation sets (``wikitext2``, ``pydoc_heldout``) are refused by name.
-  Each micro-batch picks a corpus (equal weights), a document and a window of ``segments x segment_len`` tokens
+  ``pydoc_train`` the train split of ``pydoc_data.topics`` (``families.lm.load_pydoc``), ``wiki_train`` the
+  bundled Wikipedia paragraphs of HotpotQA/MuSiQue train (``data/build_wiki_train.py``: 13-gram and title
+  decontamination); ``--data FILE`` adds a .txt/.jsonl file. The evaluation sets (``wikitext2``,
+  ``pydoc_heldout``) are refused by name.
+  Each micro-batch picks a corpus (equal weights unless ``name*w``), a document and a window of ``segments x segment_len`` tokens
   with a NumPy generator seeded by (seed, step, micro-batch): the data of step k never depends on a restart.
 * Optimisation: AdamW (weight decay 0) over ``param_groups``, gradient accumulation (``--grad-accum``), gradient
   clipping at 1.0, warmup + cosine schedule computed from the step number.
@@ -61,6 +63,8 @@ from r3mem_bench.errors import UserError
 CORPORA = {
     "shakespeare": "bundled tinyshakespeare (r3mem_bench/data/tinyshakespeare.txt.gz), 20K-char chunks",
     "pydoc_train": "train split of Python's pydoc_data.topics (families.lm.load_pydoc split=train)",
+    "wiki_train": "bundled Wikipedia paragraphs of HotpotQA + MuSiQue train, one document per question, "
+                  "decontaminated against WikiText-2 test and SQuAD dev (r3mem_bench/data/wiki_train.jsonl.gz)",
 }
 RESUME_FREE = ("output", "threads", "steps", "checkpoint_every")  # may change between a kill and a rerun
 EVAL_SPLITS = {"wikitext2", "wikitext2_test", "pydoc_heldout", "heldout", "pydoc"}
@@ -99,20 +103,43 @@ def load_corpus(name: str, data: str | None = None) -> list[dict]:
         return load_bundled({"name": "tinyshakespeare", "doc_chars": 20000}, None)
     if name == "pydoc_train":
         return load_pydoc({"split": "train", "doc_chars": 20000}, None)
+    if name == "wiki_train":
+        from r3mem_bench.data import bundled_jsonl
+        return bundled_jsonl("wiki_train")
     if name == "file":
         return load_text_file({}, data)
     raise UserError(f"unknown training corpus '{name}'; fix: use {'+'.join(CORPORA)} (any subset) or --data FILE")
+
+
+def parse_mix(mix: str) -> tuple[list[str], list[float]]:
+    """Corpus names and sampling weights of ``--data-mix`` (``wiki_train*2+pydoc_train``: weights 2 and 1)."""
+    names, weights = [], []
+    for part in (p.strip() for p in mix.split("+")):
+        if not part:
+            continue
+        name, _, weight = part.partition("*")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            w = -1.0
+        if not w > 0:
+            raise UserError(f"--data-mix '{part}': weight must be a positive number; fix: e.g. {name.strip()}*2")
+        names.append(name.strip())
+        weights.append(w)
+    return names, weights
 
 
 class TrainingData:
     """Token windows of ``segments x segment_len`` drawn deterministically from a mix of corpora."""
 
     def __init__(self, mix: str, tokenizer, segment_len: int, segments: int, data: str | None = None):
-        names = [n.strip() for n in mix.split("+") if n.strip()]
+        names, weights = parse_mix(mix)
         if data:
             names.append("file")
+            weights.append(1.0)
         if not names:
             raise UserError("--data-mix is empty; fix: e.g. --data-mix shakespeare+pydoc_train")
+        self.weights = np.asarray(weights) / sum(weights)
         self.segment_len, self.segments = segment_len, segments
         self.window = segment_len * segments
         self.corpora: list[tuple[str, list[list[int]]]] = []
@@ -130,11 +157,17 @@ class TrainingData:
                             "source": CORPORA.get(n, data)} for n, d in self.corpora},
             "sampling": "corpus uniformly, then document uniformly, then a uniform window start",
         }
+        if len(set(weights)) > 1:
+            self.description["sampling"] = "corpus by weight, then document uniformly, then a uniform window start"
+            self.description["weights"] = dict(zip(names, self.weights.round(4).tolist()))
 
     def sample(self, seed: int, step: int, micro: int) -> list[torch.Tensor]:
         """The segments of micro-batch ``micro`` of step ``step``: LongTensor [segment_len] each."""
         rng = np.random.default_rng([seed, step, micro])
-        _, docs = self.corpora[int(rng.integers(len(self.corpora)))]
+        if len(set(self.weights.tolist())) > 1:
+            _, docs = self.corpora[int(rng.choice(len(self.corpora), p=self.weights))]
+        else:  # uniform: the draw every earlier checkpoint was trained with
+            _, docs = self.corpora[int(rng.integers(len(self.corpora)))]
         doc = docs[int(rng.integers(len(docs)))]
         start = int(rng.integers(len(doc) - self.window + 1))
         window = torch.tensor(doc[start: start + self.window], dtype=torch.long)
@@ -365,7 +398,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model"),
         task: Optional[str] = typer.Option(None, "--task", "-t", help="Synonym of --data-mix."),
         data_mix: str = typer.Option("shakespeare+pydoc_train", "--data-mix",
-                                     help="Training corpora joined by '+': shakespeare, pydoc_train."),
+                                     help="Training corpora joined by '+' (name*weight to weight one): shakespeare, pydoc_train, wiki_train."),
         data: Optional[str] = typer.Option(None, "--data", help="Extra training text (.txt or .jsonl)."),
         steps: int = typer.Option(100, "--steps"),
         output: str = typer.Option(..., "--output", "-o", help="Checkpoint directory (resumable)."),

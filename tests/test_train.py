@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from r3mem_bench.errors import UserError
-from r3mem_bench.train import TrainConfig, TrainingData, lr_at, train
+from r3mem_bench.train import TrainConfig, TrainingData, lr_at, parse_mix, train
 
 TEXT = " ".join(f"Sentence {i} tells of Alice Brown and Bob Green, who walked to Rome on day {i}." for i in range(80))
 METHOD_ARGS = {"max_memory_tokens": 4, "memory_tokens": 4, "train_memory_sizes": [2, 4],
@@ -127,6 +128,38 @@ def test_training_data_refuses_evaluation_splits_and_is_deterministic(tiny_lm, c
     a, b = data.sample(0, 5, 0), data.sample(0, 5, 0)
     assert len(a) == 2 and all(x.numel() == 16 for x in a) and all((x == y).all() for x, y in zip(a, b))
     assert not all((x == y).all() for x, y in zip(a, data.sample(0, 6, 0)))
+
+
+def test_weighted_mix_samples_corpora_by_weight_and_refuses_bad_weights(tiny_lm, corpus):
+    assert parse_mix("wiki_train*2+pydoc_train") == (["wiki_train", "pydoc_train"], [2.0, 1.0])
+    for bad in ("wiki_train*0", "wiki_train*-1", "wiki_train*x"):
+        with pytest.raises(UserError, match="weight must be a positive number"):
+            parse_mix(bad)
+    data = TrainingData("wiki_train*3+shakespeare", tiny_lm.tokenizer, 16, 2)
+    assert data.description["weights"] == {"wiki_train": 0.75, "shakespeare": 0.25}
+    wiki = {tuple(x) for x in data.corpora[0][1]}
+    picks = [tuple(torch.cat(data.sample(0, step, 0)).tolist()) for step in range(400)]
+    share = sum(any(_inside(p, d) for d in wiki) for p in picks[:100]) / 100
+    assert 0.6 <= share <= 0.9  # 0.75 expected; uniform sampling would give about 0.5
+
+
+def _inside(window: tuple, doc: tuple) -> bool:
+    n = len(window)
+    return any(doc[i: i + n] == window for i in range(len(doc) - n + 1))
+
+
+def test_bundled_wiki_train_is_disjoint_from_wikitext2_test():
+    from r3mem_bench.data import bundled_jsonl, bundled_text
+    from r3mem_bench.data.build_wiki_train import ngrams, wikitext_titles, words
+
+    docs = bundled_jsonl("wiki_train")
+    assert len(docs) > 150 and all(d["id"].startswith(("hotpotqa/", "musique/")) for d in docs)
+    wikitext = bundled_text("wikitext2_test")
+    titles, banned = wikitext_titles(wikitext), ngrams(wikitext)
+    assert "kiss you one direction song" in titles  # a test article: the title parser works
+    for d in docs:
+        paragraph_titles = {" ".join(words(p.split("\n", 1)[0])) for p in d["text"].split("\n\n")}
+        assert not paragraph_titles & titles and not ngrams(d["text"]) & banned, d["id"]
 
 
 def test_schedule_and_refusals(tmp_path, corpus):

@@ -8,14 +8,22 @@ from importlib import resources
 BUNDLED = {
     "wikitext2_test": "wikitext2_test.txt.gz",
     "tinyshakespeare": "tinyshakespeare.txt.gz",
+    "wiki_train": "wiki_train.jsonl.gz",
 }
 
 
 def bundled_text(name: str) -> str:
-    """The text of a bundled corpus (``wikitext2_test`` or ``tinyshakespeare``)."""
+    """The text of a bundled corpus (``wikitext2_test``, ``tinyshakespeare``, ``wiki_train``)."""
     from r3mem_bench.errors import UserError
 
     if name not in BUNDLED:
         raise UserError(f"bundled text '{name}' does not exist; fix: use one of {sorted(BUNDLED)}")
     blob = resources.files("r3mem_bench.data").joinpath(BUNDLED[name]).read_bytes()
     return gzip.decompress(blob).decode("utf-8")
+
+
+def bundled_jsonl(name: str) -> list[dict]:
+    """The documents ``[{"id", "text"}]`` of a bundled JSON-lines corpus (``wiki_train``)."""
+    import json
+
+    return [json.loads(line) for line in bundled_text(name).splitlines() if line.strip()]
