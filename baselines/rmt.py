@@ -264,7 +264,7 @@ class RMT(MemoryMethod):
                 raise UserError(f"--checkpoint {path}: no {CONFIG_FILE} there, so it is not an RMT checkpoint; "
                                 "fix: give a directory written by `r3mem-bench train --method rmt`")
             return path
-        if self.options.get("untrained") or "train_segments" in self.options:
+        if self.options.get("untrained") or self.for_training:
             return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
         shipped = SHIPPED / f"{self.name.split('_')[0]}-{self.lm.name}"
         return shipped if (shipped / CONFIG_FILE).is_file() else None

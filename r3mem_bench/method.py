@@ -49,6 +49,9 @@ class Answer:
     context: str = ""
 
 
+FOR_TRAINING = "for_training"  # option the trainer sets (and only it): build fresh weights to be trained
+
+
 class MemoryMethod(ABC):
     """Base class of every memory module (see the module docstring for the contract)."""
 
@@ -60,6 +63,7 @@ class MemoryMethod(ABC):
     def __init__(self, lm: LoadedModel, options: dict[str, Any] | None = None, generator=None, prompt=None):
         self.lm = lm
         self.options = dict(options or {})
+        self.for_training = bool(self.options.pop(FOR_TRAINING, False))  # built by `r3mem-bench train`
         self.generator = generator  # r3mem_bench.generation.Generator, for QA families
         self.prompt = prompt  # r3mem_bench.generation.PromptTemplate, shared by all methods of a task
         self.tokens_processed = 0

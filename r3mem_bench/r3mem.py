@@ -135,7 +135,7 @@ class R3Mem(MemoryMethod):
         opts = dict(self.options)
         if "memory_budget" in opts and "memory_tokens" not in opts:
             opts["memory_tokens"] = opts["memory_budget"]
-        self.training = "train_segments" in opts and "checkpoint" not in opts
+        self.training = self.for_training and "checkpoint" not in opts
         ckpt_meta = None
         if not self.training and not opts.get("untrained"):
             ckpt_dir = self._checkpoint_dir(opts.get("checkpoint"))

@@ -7,7 +7,9 @@ A ``MemoryMethod`` subclass with ``trainable = True`` and:
 * ``__init__(lm, options)`` builds its trainable tensors from ``torch``'s global RNG; the trainer seeds it with
   ``torch.manual_seed(seed)`` just before, so a seed gives the same initial weights. ``options`` holds the
   ``--method-arg`` values plus ``segment_len`` (tokens per segment), ``train_segments`` (segments per sample)
-  and ``train_steps`` (the run's total steps, e.g. for an in-method curriculum).
+  and ``train_steps`` (the run's total steps, e.g. for an in-method curriculum); the trainer also sets
+  ``options["for_training"]``, which the base class pops into ``self.for_training``: only then may a method
+  start from fresh weights instead of loading its shipped checkpoint.
 * ``trainable_parameters() -> dict[str, torch.nn.Parameter]``: every tensor the optimizer updates, by a stable
   name (the names key the resume state). Everything else must have ``requires_grad=False``.
 * ``param_groups(lr: float) -> list[dict]`` (optional): optimizer groups ``{"params": [...], "lr": float}`` for
@@ -59,6 +61,7 @@ import torch
 import typer
 
 from r3mem_bench.errors import UserError
+from r3mem_bench.method import FOR_TRAINING
 
 CORPORA = {
     "shakespeare": "bundled tinyshakespeare (r3mem_bench/data/tinyshakespeare.txt.gz), 20K-char chunks",
@@ -279,7 +282,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     lm = load_model(cfg.model, threads=cfg.threads)
     data = TrainingData(cfg.data_mix, lm.tokenizer, cfg.segment_len, cfg.segments, cfg.data)
     options = {**cfg.method_options, "segment_len": cfg.segment_len, "train_segments": cfg.segments,
-               "train_steps": cfg.steps}
+               "train_steps": cfg.steps, FOR_TRAINING: True}
     torch.manual_seed(cfg.seed)
     method = cls(lm, options)
     method.seed = cfg.seed

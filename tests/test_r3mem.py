@@ -13,7 +13,7 @@ from r3mem_bench.methods import get_method_class
 from r3mem_bench.r3mem import R3Mem, rotate_keys, rouge_l
 from r3mem_bench.scoring import token_nll
 
-TRAIN_OPTS = {"segment_len": 16, "train_segments": 2, "max_memory_tokens": 8, "memory_tokens": 4,
+TRAIN_OPTS = {"for_training": True, "segment_len": 16, "train_segments": 2, "max_memory_tokens": 8, "memory_tokens": 4,
               "train_memory_sizes": [4, 8], "train_memory_probs": [0.5, 0.5]}
 
 
@@ -79,7 +79,7 @@ def test_first_token_is_scored_honestly_and_reset_matches_first_segment(tiny_lm)
     assert torch.allclose(nll_a[0], nll_b[0])  # the first token does not see the rest of its segment
     assert not torch.allclose(nll_a[1:], nll_b[1:])
     reset = get_method_class("r3mem_reset")(tiny_lm, {"untrained": True, **{k: v for k, v in TRAIN_OPTS.items()
-                                                                            if not k.startswith("train")}})
+                                                                            if not k.startswith(("train", "for_"))}})
     with torch.no_grad():
         for (n, p), q in zip(reset.trainable_parameters().items(), m.trainable_parameters().values()):
             p.copy_(q)
