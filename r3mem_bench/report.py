@@ -161,12 +161,17 @@ class Cell:
 
 @dataclass
 class Stat:
-    """A metric's value with its interval and p-value against the reference (either may be None)."""
+    """A metric's value with its interval and p-value against the reference (either may be None).
+
+    ``kind``: "value" (interval shown as ± half-width), "difference" (method minus control, interval in
+    brackets) or "percent" (a derived share, never formatted as a count).
+    """
 
     value: float | None
     lo: float | None = None
     hi: float | None = None
     p: float | None = None
+    kind: str = "value"
 
 
 @dataclass
@@ -348,12 +353,12 @@ class Report:
                         if control is not None and control is not cell and cell.rows and control.rows:
                             diff = stats.paired_bootstrap_diff(cell.sample(metric, o.ci_unit),
                                                                control.sample(metric, o.ci_unit), o.n_resamples, o.seed)
-                        vals.append(Stat(*diff) if diff else None)
+                        vals.append(Stat(*diff, kind="difference") if diff else None)
                     gap = None
                     if ceiling is not None and metric in ceiling.metrics:
                         width = base.metrics[metric] - ceiling.metrics[metric]
                         if width:
-                            gap = Stat(100.0 * (base.metrics[metric] - cell.metrics[metric]) / width)
+                            gap = Stat(100.0 * (base.metrics[metric] - cell.metrics[metric]) / width, kind="percent")
                     rows.append(([task] + self._row_label(model, method), vals + [gap]))
         if not rows:
             return None
@@ -444,9 +449,9 @@ def stats_metric(metric: str) -> bool:
 def _cell_text(s: Stat | None, bold: bool, latex: bool, column: str = "") -> str:
     if s is None:
         return "—" if not latex else "--"
-    text = fmt_number(s.value, count=not stats_metric(column.split(" ")[-1]) and not column.startswith("seg ")
-                      and not column.startswith(("Δ", "gap")))
-    if s.lo is not None and s.hi is not None and column.startswith("Δ"):  # a difference: its interval in brackets
+    text = fmt_number(s.value, count=s.kind == "value" and not stats_metric(column.split(" ")[-1])
+                      and not column.startswith("seg "))
+    if s.lo is not None and s.hi is not None and s.kind == "difference":  # its interval in brackets
         text += f" [{fmt_number(s.lo)}, {fmt_number(s.hi)}]"
     elif s.lo is not None and s.hi is not None:
         half = (s.hi - s.lo) / 2
