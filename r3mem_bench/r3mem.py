@@ -77,6 +77,7 @@ decoding does not reproduce the text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -536,6 +537,7 @@ class R3Mem(MemoryMethod):
                             f"but the model is '{self.lm.name}' {self.shape}; fix: pass --model {meta.get('model')} "
                             "or a checkpoint trained for this model")
         tensors = load_file(str(path / WEIGHTS))
+        self.checkpoint_digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:16]
         params = self.trainable_parameters()
         if set(tensors) != set(params):
             raise UserError(f"{path}: its tensors do not match this R3Mem configuration (lora_r, targets); fix: "
@@ -555,7 +557,8 @@ class R3Mem(MemoryMethod):
         meta = getattr(self, "checkpoint_meta", None)
         if meta:
             out["checkpoint"] = {"path": str(self.options.get("checkpoint") or "shipped"),
-                                 "step": meta.get("training", {}).get("step"), "trained_as": meta.get("method")}
+                                 "step": meta.get("training", {}).get("step"), "trained_as": meta.get("method"),
+                                 "sha256": self.checkpoint_digest}  # a retrained checkpoint never resumes old runs
         return out
 
     # ---- QA: ingest / retrieve ---------------------------------------------------------------------------

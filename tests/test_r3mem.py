@@ -181,6 +181,11 @@ def test_checkpoint_roundtrip_and_errors(tiny_lm, tmp_path):
     got = [loaded.score_segment(s) for s in segs(3)]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(want, got))
     assert loaded.config()["checkpoint"]["step"] == 3
+    with torch.no_grad():  # a retrained checkpoint at the same step must not share the config (no stale resume)
+        next(iter(m.trainable_parameters().values())).add_(1.0)
+    m.save_checkpoint(tmp_path / "ck2", {"training": {"step": 3}})
+    other = get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck2"), "memory_tokens": 4})
+    assert other.config()["checkpoint"]["sha256"] != loaded.config()["checkpoint"]["sha256"]
     with pytest.raises(UserError, match="memory_tokens=9"):
         get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 9})
     meta = json.loads((tmp_path / "ck" / "r3mem.json").read_text())
