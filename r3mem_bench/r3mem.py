@@ -130,6 +130,7 @@ class R3Mem(MemoryMethod):
     hierarchy = True
     reset_each_segment = False
     loss_overrides: dict[str, float] = {}
+    own_weights = False  # look for a shipped checkpoint under this variant's own name first
 
     def __init__(self, lm, options: dict[str, Any] | None = None, generator=None, prompt=None):
         super().__init__(lm, options, generator, prompt)
@@ -495,7 +496,8 @@ class R3Mem(MemoryMethod):
                 raise UserError(f"--checkpoint {path}: no {META} there; fix: pass a directory written by "
                                 "`r3mem-bench train --method r3mem`")
             return path
-        path = SHIPPED / f"r3mem-{self.lm.name}"
+        own = SHIPPED / f"{self.name}-{self.lm.name}"  # an ablation's own shipped training, if any
+        path = own if self.own_weights and (own / META).exists() else SHIPPED / f"r3mem-{self.lm.name}"
         if not (path / META).exists():
             raise UserError(f"r3mem: no trained checkpoint for model '{self.lm.name}' (looked in {path}); fix: "
                             f"train one with `r3mem-bench train --method r3mem --model {self.lm.name} --output DIR` "
@@ -694,6 +696,7 @@ class R3MemNoHier(R3Mem):
     name = "r3mem_no_hier"
     description = "R3Mem without hierarchy (document-level memory only; train it separately for training effects)"
     hierarchy = False
+    own_weights = True
 
 
 @register_method
@@ -703,6 +706,7 @@ class R3MemNoCycle(R3Mem):
     name = "r3mem_no_cycle"
     description = "R3Mem trained without reconstruction/cycle losses (needs its own `train --method r3mem_no_cycle`)"
     loss_overrides = {"w_recon": 0.0, "w_cycle": 0.0}
+    own_weights = True
 
 
 @register_method

@@ -282,3 +282,17 @@ def test_legacy_checkpoint_without_reader_loads_as_compress_reader(tiny_lm, tmp_
     assert loaded.cfg["reader"] == "compress"
     with pytest.raises(UserError, match="reader"):
         get_method_class("r3mem")(tiny_lm, {"untrained": True, "reader": "sideways"})
+
+
+def test_ablations_prefer_their_own_shipped_checkpoint(tiny_lm, tmp_path, monkeypatch):
+    import r3mem_bench.r3mem as r3mem_module
+
+    m = trainee(tiny_lm)
+    m.save_checkpoint(tmp_path / "r3mem-tiny-random", {"training": {"step": 1}})
+    with torch.no_grad():
+        next(iter(m.trainable_parameters().values())).add_(1.0)
+    m.save_checkpoint(tmp_path / "r3mem_no_cycle-tiny-random", {"training": {"step": 2}})
+    monkeypatch.setattr(r3mem_module, "SHIPPED", tmp_path)
+    step = {name: get_method_class(name)(tiny_lm, {"memory_tokens": 4}).config()["checkpoint"]["step"]
+            for name in ("r3mem", "r3mem_reset", "r3mem_no_cycle", "r3mem_no_hier")}
+    assert step == {"r3mem": 1, "r3mem_reset": 1, "r3mem_no_cycle": 2, "r3mem_no_hier": 1}
