@@ -27,7 +27,7 @@ A ``MemoryMethod`` subclass with ``trainable = True`` and:
 
 What the trainer does
 ---------------------
-* Data (``--data-mix``, default ``shakespeare+pydoc_train``; ``--task`` is a synonym): documents from corpora a
+* Data (``--data-mix``, default ``wiki_train*2+pydoc_train+shakespeare``; ``--task`` is a synonym): documents from corpora a
   user can obtain, disjoint from every evaluation split. ``shakespeare`` is the bundled tinyshakespeare,
   ``pydoc_train`` the train split of ``pydoc_data.topics`` (``families.lm.load_pydoc``), ``wiki_train`` the
   bundled Wikipedia paragraphs of HotpotQA/MuSiQue train (``data/build_wiki_train.py``: 13-gram and title
@@ -69,6 +69,7 @@ CORPORA = {
     "wiki_train": "bundled Wikipedia paragraphs of HotpotQA + MuSiQue train, one document per question, "
                   "decontaminated against WikiText-2 test and SQuAD dev (r3mem_bench/data/wiki_train.jsonl.gz)",
 }
+DEFAULT_MIX = "wiki_train*2+pydoc_train+shakespeare"  # the data of the shipped checkpoints
 RESUME_FREE = ("output", "threads", "steps", "checkpoint_every")  # may change between a kill and a rerun
 EVAL_SPLITS = {"wikitext2", "wikitext2_test", "pydoc_heldout", "heldout", "pydoc"}
 
@@ -79,7 +80,7 @@ class TrainConfig:
 
     method: str
     model: str = "smollm2-135m"
-    data_mix: str = "shakespeare+pydoc_train"
+    data_mix: str = DEFAULT_MIX
     data: Optional[str] = None
     steps: int = 100
     output: str = "results/checkpoints/run"
@@ -141,7 +142,7 @@ class TrainingData:
             names.append("file")
             weights.append(1.0)
         if not names:
-            raise UserError("--data-mix is empty; fix: e.g. --data-mix shakespeare+pydoc_train")
+            raise UserError(f"--data-mix is empty; fix: e.g. --data-mix {DEFAULT_MIX}")
         self.weights = np.asarray(weights) / sum(weights)
         self.segment_len, self.segments = segment_len, segments
         self.window = segment_len * segments
@@ -400,7 +401,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option(..., "--method", "-m", help="A trainable method (r3mem, r3mem_no_hier, rmt...)."),
         model: str = typer.Option("smollm2-135m", "--model"),
         task: Optional[str] = typer.Option(None, "--task", "-t", help="Synonym of --data-mix."),
-        data_mix: str = typer.Option("shakespeare+pydoc_train", "--data-mix",
+        data_mix: str = typer.Option(DEFAULT_MIX, "--data-mix",
                                      help="Training corpora joined by '+' (name*weight to weight one): shakespeare, pydoc_train, wiki_train."),
         data: Optional[str] = typer.Option(None, "--data", help="Extra training text (.txt or .jsonl)."),
         steps: int = typer.Option(100, "--steps"),
