@@ -32,14 +32,32 @@ def done_marker(cell: dict) -> Path:
 
 
 def is_done(cell: dict) -> bool:
-    """Whether the cell finished in an earlier run (its done marker exists and names the same cell)."""
+    """Whether the cell finished in an earlier run: its done marker names the same cell and its rows are still there.
+
+    The marker's run directories are re-rooted under this cell's output (a moved checkout still counts as done);
+    a directory deleted or cut short since (e.g. to rerun a method with a retrained checkpoint) makes the cell
+    run again.
+    """
+    from r3mem_bench.store import RESULTS, read_rows
+
     path = done_marker(cell)
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("key") == cell["key"]
+        marker = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    if marker.get("key") != cell["key"]:
+        return False
+    root = Path(marker.get("cell", {}).get("output", cell["output"]))
+    for run_dir, rows in marker.get("rows", {}).items():
+        try:
+            here = Path(cell["output"]) / Path(run_dir).relative_to(root)
+        except ValueError:
+            here = Path(run_dir)
+        if not (here / RESULTS).is_file() or len(read_rows(here / RESULTS)) < rows:
+            return False
+    return True
 
 
 def run_cell(cell: dict) -> dict:

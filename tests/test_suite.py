@@ -59,6 +59,17 @@ def test_suite_resumes_and_records_method_args(tmp_path, tiny_lm):
         marker.unlink()  # as if the process died before the marker: the cell reruns, its examples are reused
     third = run_suite(suite, str(out), echo=lambda m: None)
     assert third["ran"] == 1 and _rows(out) == rows
+    import shutil
+
+    shutil.rmtree(next(out.rglob("full_context/manifest.json")).parent)  # deleted to be rerun: its marker stays
+    fourth = run_suite(suite, str(out), echo=lambda m: None)
+    assert fourth["ran"] == 1 and fourth["skipped"] == 1  # the deleted cell ran again (new timings), once
+    assert {k: len(v.splitlines()) for k, v in _rows(out).items()} == {k: 2 for k in rows}
+    rows = _rows(out)
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))  # a moved checkout: markers name the old paths, the cells are still done
+    assert run_suite(suite, str(moved), echo=lambda m: None)["ran"] == 0
+    out = moved
     more = parse_suite({**BASE, "limit": 3}, str(tmp_path / "s.yaml"))  # a larger limit only adds examples
     run_suite(more, str(out), echo=lambda m: None)
     grown = _rows(out)
