@@ -68,8 +68,8 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   ``r3mem_no_hier`` (document level only: QA keeps one recurrent memory) and ``r3mem_no_cycle``
   (w_recon = w_cycle = 0). The last two change training: each loads its own shipped checkpoint
   (``results/checkpoints/<variant>-<model>``) when there is one, else R3Mem's (then they differ from ``r3mem``
-  only at inference). ``r3mem_no_cycle`` ships its own (same data and token budget, one stage); ``r3mem_no_hier``
-  does not yet.
+  only at inference). Both ship their own (same data and token budget): ``r3mem_no_cycle`` one stage of LM +
+  KL, ``r3mem_no_hier`` R3Mem's stage 1 + a document-level-only stage 2.
 * Training data (not from the paper; the paper trains on large corpora we cannot fetch offline): the
   bundled Wikipedia paragraphs of HotpotQA/MuSiQue train, pydoc train topics and tinyshakespeare (2:1:1).
   Measured reason: trained on pydoc + Shakespeare only (v2), the memory helped on held-out pydoc but hurt on
