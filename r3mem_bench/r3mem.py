@@ -536,7 +536,7 @@ class R3Mem(MemoryMethod):
 
     def load_checkpoint(self, path: Path) -> None:
         """Load a checkpoint; another base model or other shapes raise ``UserError``."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         path = Path(path)
         meta = self._read_meta(path)
@@ -544,8 +544,9 @@ class R3Mem(MemoryMethod):
             raise UserError(f"{path}: trained for model '{meta.get('model')}' with shape {meta.get('model_shape')}, "
                             f"but the model is '{self.lm.name}' {self.shape}; fix: pass --model {meta.get('model')} "
                             "or a checkpoint trained for this model")
-        tensors = load_file(str(path / WEIGHTS))
-        self.checkpoint_digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:16]
+        blob = (path / WEIGHTS).read_bytes()
+        tensors = load_safetensors(blob)
+        self.checkpoint_digest = hashlib.sha256(blob).hexdigest()[:16]
         params = self.trainable_parameters()
         if set(tensors) != set(params):
             raise UserError(f"{path}: its tensors do not match this R3Mem configuration (lora_r, targets); fix: "

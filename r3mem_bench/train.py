@@ -144,6 +144,7 @@ class TrainingData:
         if not names:
             raise UserError(f"--data-mix is empty; fix: e.g. --data-mix {DEFAULT_MIX}")
         self.weights = np.asarray(weights) / sum(weights)
+        self.weighted = len(set(weights)) > 1  # uniform mixes keep the draw earlier checkpoints were trained with
         self.segment_len, self.segments = segment_len, segments
         self.window = segment_len * segments
         self.corpora: list[tuple[str, list[list[int]]]] = []
@@ -161,16 +162,16 @@ class TrainingData:
                             "source": CORPORA.get(n, data)} for n, d in self.corpora},
             "sampling": "corpus uniformly, then document uniformly, then a uniform window start",
         }
-        if len(set(weights)) > 1:
+        if self.weighted:
             self.description["sampling"] = "corpus by weight, then document uniformly, then a uniform window start"
             self.description["weights"] = dict(zip(names, self.weights.round(4).tolist()))
 
     def sample(self, seed: int, step: int, micro: int) -> list[torch.Tensor]:
         """The segments of micro-batch ``micro`` of step ``step``: LongTensor [segment_len] each."""
         rng = np.random.default_rng([seed, step, micro])
-        if len(set(self.weights.tolist())) > 1:
+        if self.weighted:
             _, docs = self.corpora[int(rng.choice(len(self.corpora), p=self.weights))]
-        else:  # uniform: the draw every earlier checkpoint was trained with
+        else:
             _, docs = self.corpora[int(rng.integers(len(self.corpora)))]
         doc = docs[int(rng.integers(len(docs)))]
         start = int(rng.integers(len(doc) - self.window + 1))

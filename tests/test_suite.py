@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -59,8 +60,6 @@ def test_suite_resumes_and_records_method_args(tmp_path, tiny_lm):
         marker.unlink()  # as if the process died before the marker: the cell reruns, its examples are reused
     third = run_suite(suite, str(out), echo=lambda m: None)
     assert third["ran"] == 1 and _rows(out) == rows
-    import shutil
-
     shutil.rmtree(next(out.rglob("full_context/manifest.json")).parent)  # deleted to be rerun: its marker stays
     fourth = run_suite(suite, str(out), echo=lambda m: None)
     assert fourth["ran"] == 1 and fourth["skipped"] == 1  # the deleted cell ran again (new timings), once

@@ -20,6 +20,8 @@ import json
 import re
 from pathlib import Path
 
+from r3mem_bench.data import bundled_text
+
 NGRAM = 13
 
 
@@ -76,7 +78,7 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, action="append", default=[], help="evaluation text to decontaminate against")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("wiki_train.jsonl.gz"))
     args = ap.parse_args()
-    wikitext = gzip.open(Path(__file__).with_name("wikitext2_test.txt.gz"), "rt", encoding="utf-8").read()
+    wikitext = bundled_text("wikitext2_test")
     titles = wikitext_titles(wikitext)
     banned: set[tuple[str, ...]] = set()
     for text in [wikitext] + [t for p in args.eval for t in eval_texts(p)]:
