@@ -287,7 +287,7 @@ class RMT(MemoryMethod):
         """Load the LoRA adapter and memory embedding written by ``save_checkpoint``."""
         from peft import set_peft_model_state_dict
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         path = Path(directory)
         cfg = _checkpoint_config(path)
@@ -295,7 +295,8 @@ class RMT(MemoryMethod):
             raise UserError(f"--checkpoint {path}: trained on '{cfg['base_model']}', not '{self.lm.name}'; "
                             f"fix: run with --model {cfg['base_model']} or train a checkpoint for this model")
         try:
-            memory = load_file(str(path / MEMORY_FILE))["memory"]
+            memory_blob = (path / MEMORY_FILE).read_bytes()
+            memory = load_safetensors(memory_blob)["memory"]
         except (OSError, KeyError, SafetensorError) as exc:
             raise UserError(f"--checkpoint {path}: cannot read {MEMORY_FILE} ({type(exc).__name__}: {exc}); "
                             "fix: give a directory written by `r3mem-bench train --method rmt`") from None
@@ -305,7 +306,8 @@ class RMT(MemoryMethod):
         adapter = path / ADAPTER_DIR
         weights = adapter / "adapter_model.safetensors"
         try:
-            set_peft_model_state_dict(self.peft, load_file(str(weights)))
+            adapter_blob = weights.read_bytes()
+            set_peft_model_state_dict(self.peft, load_safetensors(adapter_blob))
         except (OSError, RuntimeError, SafetensorError) as exc:
             first = str(exc).strip().splitlines()
             raise UserError(f"--checkpoint {path}: its LoRA adapter does not fit this model or is unreadable "
@@ -313,7 +315,7 @@ class RMT(MemoryMethod):
                             "base model and lora settings, or retrain") from None
         with torch.no_grad():
             self.memory.copy_(memory.to(self.memory.device, self.memory.dtype))
-        digest = hashlib.sha256(weights.read_bytes() + (path / MEMORY_FILE).read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256(adapter_blob + memory_blob).hexdigest()[:16]
         self.checkpoint_id = f"{path}@{digest}"
 
     def config(self) -> dict:

@@ -105,8 +105,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "results" / "checkpoints"
 
 # Options: architecture (fixed by a checkpoint) and behaviour (free at run time).
 ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear",
-                 "reader": "expand"}
-LEGACY_ARCH = {"reader": "compress"}  # checkpoints written before an option existed behave as they were trained
+                 "reader": "expand", "slot_layout": "anchored"}
+LEGACY_ARCH = {"reader": "compress", "slot_layout": "append"}  # checkpoints written before an option existed behave as they were trained
 RUN_DEFAULTS = {
     "memory_tokens": 16, "segment_len": 128, "train_segments": 3, "train_memory_sizes": [8, 16, 32, 64],
     "train_memory_probs": [0.2, 0.5, 0.2, 0.1], "level_probs": [0.6, 0.2, 0.2], "w_lm": 1.0, "w_kl": 1.0,
@@ -117,13 +117,30 @@ RUN_DEFAULTS = {
 LEVELS = ("document", "paragraph", "entity")
 
 
-def rotate_keys(keys: torch.Tensor, shift: int, rotary) -> torch.Tensor:
-    """Move RoPE keys [..., T, D] by ``shift`` positions (rotation by shift * theta_i), exactly."""
-    pos = torch.full((1, 1), shift, dtype=torch.long, device=keys.device)
-    cos, sin = rotary(keys, pos)  # [1, 1, D]
+def rotate_keys(keys: torch.Tensor, shift: int | torch.Tensor, rotary) -> torch.Tensor:
+    """Move RoPE keys [..., T, D] by ``shift`` positions (an int, or one shift per key: LongTensor [T]), exactly."""
+    shift = torch.as_tensor(shift, dtype=torch.long, device=keys.device).reshape(1, -1)  # [1, 1] or [1, T]
+    cos, sin = rotary(keys, shift)  # [1, 1 or T, D]
     half = keys.shape[-1] // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos[0, 0] + rotated * sin[0, 0]
+    return keys * cos[0] + rotated * sin[0]
+
+
+def slot_order(T: int, M: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the M slots go among T text tokens: (permutation of ``[text, slots]`` into pass order [T+M],
+    sequence index of each slot [M]). ``append``: all slots after the text. ``interleave``: slot j right after
+    text token ceil((j+1)*T/M)-1, so each slot follows the span it summarises (Activation Beacon's layout)."""
+    if layout == "append":  # "anchored" is "interleave" with another slot input (see R3Mem.compress)
+        after = torch.full((M,), T, dtype=torch.long)
+    else:
+        after = torch.tensor([-(-(j + 1) * T // M) for j in range(M)], dtype=torch.long)  # text tokens before slot j
+    slot_index = after + torch.arange(M)  # [M]
+    is_slot = torch.zeros(T + M, dtype=torch.bool)
+    is_slot[slot_index] = True
+    order = torch.empty(T + M, dtype=torch.long)
+    order[~is_slot] = torch.arange(T)
+    order[is_slot] = T + torch.arange(M)
+    return order, slot_index
 
 
 @register_method
@@ -163,6 +180,13 @@ class R3Mem(MemoryMethod):
         self.M = int(self.cfg["memory_tokens"])
         if self.cfg["reader"] not in ("expand", "compress"):
             raise UserError(f"r3mem: reader={self.cfg['reader']!r}; fix: use reader=expand or reader=compress")
+        if self.cfg["slot_layout"] not in ("append", "interleave", "anchored"):
+            raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']!r}; fix: use slot_layout=interleave or append")
+        if self.cfg["reader"] == "compress" and "slot_layout" not in opts:
+            self.cfg["slot_layout"] = "append"  # the one layout the one-pass reader supports
+        if self.cfg["slot_layout"] != "append" and self.cfg["reader"] == "compress":
+            raise UserError("r3mem: slot_layout=interleave puts slots inside the text the compress pass reads; "
+                            "fix: use reader=expand with it, or slot_layout=append")
         if not 1 <= self.M <= int(self.cfg["max_memory_tokens"]):
             raise UserError(f"r3mem: memory_tokens={self.M} but the checkpoint has {self.cfg['max_memory_tokens']} "
                             "slots; fix: use memory_tokens between 1 and that, or train with a larger max_memory_tokens")
@@ -294,15 +318,20 @@ class R3Mem(MemoryMethod):
         M = memory.shape[-2]
         past = torch.cat([self._bos_kv("compress", B), memory], dim=-2)  # [L,2,B,H,1+M,D]
         read = self.embed(torch.full((B, 1), self.bos, device=tokens.device))  # [B, 1, d]
-        parts = [read, self.embed(tokens)]
-        if write:
-            parts.append(self.slots[:M].unsqueeze(0).expand(B, -1, -1))
-        hidden, kv = self._forward(past, torch.cat(parts, dim=1), M + 1)
         if not write:
+            hidden, _ = self._forward(past, torch.cat([read, self.embed(tokens)], dim=1), M + 1)
             return hidden[:, :T], None
-        slot_kv = kv[..., -M:, :]  # [L,2,B,H,M,D], slot j at position M+2+T+j
-        keys = rotate_keys(slot_kv[:, 0], -(M + 1 + T), self.rotary)  # -> positions 1..M
-        return hidden[:, :T], torch.stack([keys, slot_kv[:, 1]], dim=1)
+        order, slot_index = slot_order(T, M, self.cfg["slot_layout"])
+        text = self.embed(tokens)  # [B, T, d]
+        slots = self.slots[:M].unsqueeze(0).expand(B, -1, -1)  # [B, M, d]
+        if self.cfg["slot_layout"] == "anchored":  # slot j also carries the embedding of the token just before it
+            slots = slots + text[:, (slot_index - torch.arange(M) - 1).clamp(min=0).to(text.device)]
+        body = torch.cat([text, slots], dim=1)[:, order]
+        hidden, kv = self._forward(past, torch.cat([read, body], dim=1), M + 1)  # body k at position M+2+k
+        slot_kv = kv[..., 1 + slot_index.to(kv.device), :]  # [L,2,B,H,M,D]
+        keys = rotate_keys(slot_kv[:, 0], -(M + 1 + slot_index), self.rotary)  # slot j -> position 1+j
+        text_index = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (order < T).nonzero()[:-1, 0]])  # [T]
+        return hidden[:, text_index.to(hidden.device)], torch.stack([keys, slot_kv[:, 1]], dim=1)
 
     def expand_logits(self, memory: torch.Tensor, tokens: torch.Tensor, marker: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -544,6 +573,11 @@ class R3Mem(MemoryMethod):
             raise UserError(f"{path}: trained for model '{meta.get('model')}' with shape {meta.get('model_shape')}, "
                             f"but the model is '{self.lm.name}' {self.shape}; fix: pass --model {meta.get('model')} "
                             "or a checkpoint trained for this model")
+        for key in ARCH_DEFAULTS:  # e.g. --init-from a stage trained with another layout: refuse, do not retrain it
+            trained = meta["config"].get(key, LEGACY_ARCH.get(key))
+            if trained is not None and trained != self.cfg[key]:
+                raise UserError(f"{path}: trained with {key}={trained!r} but this R3Mem has {key}={self.cfg[key]!r}; "
+                                f"fix: pass --method-arg {key}={trained} (or drop the option)")
         blob = (path / WEIGHTS).read_bytes()
         tensors = load_safetensors(blob)
         self.checkpoint_digest = hashlib.sha256(blob).hexdigest()[:16]

@@ -296,3 +296,58 @@ def test_ablations_prefer_their_own_shipped_checkpoint(tiny_lm, tmp_path, monkey
     step = {name: get_method_class(name)(tiny_lm, {"memory_tokens": 4}).config()["checkpoint"]["step"]
             for name in ("r3mem", "r3mem_reset", "r3mem_no_cycle", "r3mem_no_hier")}
     assert step == {"r3mem": 1, "r3mem_reset": 1, "r3mem_no_cycle": 2, "r3mem_no_hier": 1}
+
+
+def test_slot_order_places_each_slot_after_its_span():
+    from r3mem_bench.r3mem import slot_order
+
+    for T, M in [(16, 4), (128, 16), (10, 3), (3, 5)]:
+        for layout in ("append", "interleave", "anchored"):
+            order, slot_index = slot_order(T, M, layout)
+            assert sorted(order.tolist()) == list(range(T + M))  # a permutation of [text, slots]
+            assert order[slot_index].tolist() == [T + j for j in range(M)]  # slots in order, at slot_index
+            text_before = (slot_index - torch.arange(M)).tolist()
+            expected = [T] * M if layout == "append" else [-(-(j + 1) * T // M) for j in range(M)]
+            assert text_before == expected
+    assert slot_order(16, 4, "interleave")[1].tolist() == [4, 9, 14, 19]
+
+
+@pytest.mark.parametrize("layout", ["append", "interleave", "anchored"])
+def test_interleaved_slots_see_only_their_prefix(tiny_lm, layout):
+    m = make(tiny_lm, slot_layout=layout)
+    a = segs(1)[0].unsqueeze(0)  # [1, 16]
+    b = a.clone()
+    b[0, -1] = (b[0, -1] + 7) % 5000 + 100  # only the last token differs
+    with torch.no_grad():
+        mem_a = m.compress(a, m.empty_memory())[1]  # [L,2,1,H,4,D]
+        mem_b = m.compress(b, m.empty_memory())[1]
+    first_same = torch.allclose(mem_a[..., 0, :], mem_b[..., 0, :], atol=1e-6)
+    assert first_same == (layout != "append")  # interleaved slot 0 sits after tokens 0..3 only
+    assert not torch.allclose(mem_a[..., -1, :], mem_b[..., -1, :], atol=1e-6)  # the last slot saw the change
+    with torch.no_grad():  # the memory still reads as a memory: scores are finite and it differs from the empty one
+        logits, _ = m.read(a, mem_a, write=False)
+    assert torch.isfinite(logits).all()
+    assert not torch.allclose(mem_a, m.empty_memory(), atol=1e-4)
+
+
+def test_interleaved_layout_needs_the_expand_reader(tiny_lm):
+    with pytest.raises(UserError, match="slot_layout"):
+        make(tiny_lm, reader="compress", slot_layout="interleave")
+    with pytest.raises(UserError, match="slot_layout"):
+        make(tiny_lm, slot_layout="diagonal")
+    assert make(tiny_lm, reader="compress").cfg["slot_layout"] == "append"
+
+
+def test_checkpoint_without_slot_layout_loads_as_append_and_mismatches_are_refused(tiny_lm, tmp_path):
+    m = trainee(tiny_lm, slot_layout="append")
+    m.save_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "r3mem.json").read_text())
+    del meta["config"]["slot_layout"]  # written before the option existed (the v3 checkpoint)
+    (tmp_path / "ck" / "r3mem.json").write_text(json.dumps(meta))
+    loaded = get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 4})
+    assert loaded.cfg["slot_layout"] == "append"
+    with pytest.raises(UserError, match="slot_layout='append'"):  # e.g. a second stage started with another layout
+        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "slot_layout": "anchored"})
+    fresh = get_method_class("r3mem")(tiny_lm, {**TRAIN_OPTS, "slot_layout": "anchored"})
+    with pytest.raises(UserError, match="slot_layout"):
+        fresh.load_checkpoint(tmp_path / "ck")
