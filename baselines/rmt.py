@@ -266,7 +266,12 @@ class RMT(MemoryMethod):
             return path
         if self.options.get("untrained") or self.for_training:
             return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
-        shipped = SHIPPED / f"{self.name.split('_')[0]}-{self.lm.name}"
+        return self.shipped_checkpoint(self.lm.name)
+
+    @classmethod
+    def shipped_checkpoint(cls, model: str) -> Path | None:
+        """The shipped RMT checkpoint for ``model`` (shared by ``rmt`` and ``rmt_reset``), if any."""
+        shipped = SHIPPED / f"{cls.name.split('_')[0]}-{model}"
         return shipped if (shipped / CONFIG_FILE).is_file() else None
 
     def save_checkpoint(self, directory, meta: dict | None = None) -> None:

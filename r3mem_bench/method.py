@@ -69,6 +69,24 @@ class MemoryMethod(ABC):
         self.tokens_processed = 0
         self.seed = 0
 
+    @classmethod
+    def shipped_checkpoint(cls, model: str):
+        """The shipped checkpoint directory this method loads for ``model`` when given none (None: it has none)."""
+        return None
+
+    @classmethod
+    def shipped_weights_id(cls, model: str) -> str | None:
+        """Content hash of the shipped checkpoint's weight files for ``model`` (suite cell keys), or None."""
+        import hashlib
+
+        path = cls.shipped_checkpoint(model)
+        if path is None:
+            return None
+        digest = hashlib.sha256()
+        for f in sorted(path.rglob("*.safetensors")):
+            digest.update(f.read_bytes())
+        return digest.hexdigest()[:16]
+
     # ---- common -----------------------------------------------------------------------------------------
     def begin(self, key: str) -> None:
         """Seed every RNG from the run seed and an example key, so each example is reproducible on resume."""

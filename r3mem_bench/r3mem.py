@@ -24,12 +24,21 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   as embeddings. Measured in the design doc with SmolLM2-135M on 2 CPU threads: re-fed last-layer states wreck
   the model unless rescaled (PPL 856 -> 60) and barely reconstruct (33% token accuracy vs 32% with an empty
   memory); a KV memory with LoRA r16 on every linear layer at lr 1e-3 reconstructs at 53.5% vs 18.4% empty.
-* Layout of every pass: ``[BOS @0][memory @1..M][marker @M+1][text @M+2..][slots]``. A real token stays at
-  position 0 (attention sink: a memory vector there derailed the model in the probe). New slots are appended
-  after the text at their natural positions; their keys are then re-rotated (RoPE is a rotation, so rotating
-  by -shift moves a key to another position exactly) to positions 1..M, so a memory is position-independent
-  and the recurrence ``memory_t = compress(segment_t | memory_{t-1})`` keeps the same layout for ever:
-  a constant-size state for any history length.
+* Layout of every pass: ``[BOS @0][memory @1..M][marker @M+1][text and new slots @M+2..]``. A real token
+  stays at position 0 (attention sink: a memory vector there derailed the model in the probe). The new slots
+  sit among the text at their natural positions (``slot_layout``, below); their keys are then re-rotated (RoPE
+  is a rotation, so rotating by -shift moves a key to another position exactly) to positions 1..M, so a memory
+  is position-independent and the recurrence ``memory_t = compress(segment_t | memory_{t-1})`` keeps the same
+  layout for ever: a constant-size state for any history length.
+* Where the slots go (``slot_layout``). ``append``: all M slots after the text (the v1-v3 checkpoints; old
+  checkpoints without the key load as ``append``). ``interleave``: slot j right after text token
+  ceil((j+1)T/M)-1, so each slot follows the span it summarises, as Activation Beacon's beacons do (Zhang et
+  al. 2024, arXiv 2401.03462); every slot still sees the whole prefix. ``anchored`` (default since v4):
+  interleaved, and slot j's input embedding is its learned vector plus the embedding of the text token just
+  before it, so each virtual token starts out as a copy of a real one and the expand adapter can read it as
+  text. Measured reason (stage-1 autoencoding, same data, seed and samples; teacher-forced reconstruction
+  accuracy on the training stream, mean of steps 61-98 / 351-400): append 0.439 / 0.452, interleave 0.424 /
+  (stopped), anchored 0.516 / 0.581 (``results/r3mem/probes/``; a higher learning rate, 3e-3, was worse too).
 * Forward (retain, ``compress`` adapter): ``[BOS][memory][BOS as read marker][segment][slots]`` writes the next
   memory (the slots' keys/values). The memory before the first segment is the "empty" memory: the slots run
   through ``[BOS][slots]`` alone.
@@ -531,13 +540,20 @@ class R3Mem(MemoryMethod):
                 raise UserError(f"--checkpoint {path}: no {META} there; fix: pass a directory written by "
                                 "`r3mem-bench train --method r3mem`")
             return path
-        own = SHIPPED / f"{self.name}-{self.lm.name}"  # an ablation's own shipped training, if any
-        path = own if self.own_weights and (own / META).exists() else SHIPPED / f"r3mem-{self.lm.name}"
-        if not (path / META).exists():
+        path = self.shipped_checkpoint(self.lm.name)
+        if path is None:
+            path = SHIPPED / f"r3mem-{self.lm.name}"
             raise UserError(f"r3mem: no trained checkpoint for model '{self.lm.name}' (looked in {path}); fix: "
                             f"train one with `r3mem-bench train --method r3mem --model {self.lm.name} --output DIR` "
                             "and pass --checkpoint DIR")
         return path
+
+    @classmethod
+    def shipped_checkpoint(cls, model: str) -> Path | None:
+        """This variant's own shipped checkpoint for ``model`` if it has one (``own_weights``), else R3Mem's."""
+        own = SHIPPED / f"{cls.name}-{model}"  # an ablation's own shipped training, if any
+        path = own if cls.own_weights and (own / META).exists() else SHIPPED / f"r3mem-{model}"
+        return path if (path / META).exists() else None
 
     def _read_meta(self, path: Path) -> dict:
         """The checkpoint JSON, checked against this base model."""

@@ -210,8 +210,13 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
                             "resources": dict(suite.resources), "family": families[t["task"]],
                             "output": str(out_root / "runs" / _safe(model) / f"seed-{seed}"),
                             "suite_output": str(out_root)}
-                    ident = json.dumps({k: v for k, v in cell.items()  # location-independent
-                                        if k not in ("resources", "suite_output", "output")}, sort_keys=True, default=str)
+                    ident = {k: v for k, v in cell.items()  # location-independent
+                             if k not in ("resources", "suite_output", "output")}
+                    if applies is not None and not cell["checkpoint"]:  # retrained shipped weights -> a new cell
+                        weights = get_method_class(m["method"]).shipped_weights_id(model)
+                        if weights:
+                            ident["shipped_weights"] = weights
+                    ident = json.dumps(ident, sort_keys=True, default=str)
                     digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
                     cell["key"] = f"{_safe(model)}.s{seed}.{_safe(t['task'])}.{_safe(m['method'])}.{digest}"
                     if applies is None:

@@ -82,3 +82,32 @@ def test_failed_cell_does_not_stop_the_others(tmp_path, tiny_lm):
     result = run_suite(parse_suite(raw, str(tmp_path / "s.yaml")), str(tmp_path / "out"), echo=lambda m: None)
     assert len(result["failed"]) == 2 and result["ran"] == 2
     assert "file not found" in result["failed"][0][1]
+
+
+def test_cell_key_follows_the_shipped_weights(tmp_path, monkeypatch):
+    from r3mem_bench.r3mem import R3Mem
+
+    suite = parse_suite({**BASE, "methods": ["no_memory", "r3mem", {"method": "rmt", "checkpoint": "ckpt"}]},
+                        str(tmp_path / "s.yaml"))
+
+    def keys(weights):
+        monkeypatch.setattr(R3Mem, "shipped_weights_id", classmethod(lambda cls, model: weights))
+        return {c["method"]: c["key"] for c in cells(suite, str(tmp_path))}
+
+    old, new, none = keys("aaaa"), keys("bbbb"), keys(None)
+    assert old["r3mem"] != new["r3mem"] != none["r3mem"]  # retrained shipped weights: the cell runs again
+    assert old["no_memory"] == new["no_memory"] and old["rmt"] == new["rmt"]  # explicit --checkpoint: key as given
+
+
+def test_shipped_weights_id_hashes_the_weight_files(tmp_path, monkeypatch):
+    import r3mem_bench.r3mem as r3mem_module
+
+    ck = tmp_path / "r3mem-tiny"
+    ck.mkdir()
+    (ck / "r3mem.json").write_text("{}")
+    (ck / "r3mem.safetensors").write_bytes(b"one")
+    monkeypatch.setattr(r3mem_module, "SHIPPED", tmp_path)
+    first = r3mem_module.R3Mem.shipped_weights_id("tiny")
+    (ck / "r3mem.safetensors").write_bytes(b"two")
+    assert first and r3mem_module.R3Mem.shipped_weights_id("tiny") != first
+    assert r3mem_module.R3Mem.shipped_weights_id("other-model") is None
