@@ -442,6 +442,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON report instead of text."),
         no_greedy: bool = typer.Option(False, "--no-greedy", help="Teacher-forced scores only (no decoding)."),
         label: Optional[str] = typer.Option(None, "--label", help="Series name stored in the JSON (plots, tables)."),
+        no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram",
+                                            help="Greedy decoding never repeats an n-gram of this size (0: plain greedy)."),
     ) -> None:
         """Compress a text with R3Mem, reconstruct it from the memory; print it, token accuracy and ROUGE-L."""
         from r3mem_bench.methods import get_method_class
@@ -466,7 +468,9 @@ def register(app: typer.Typer) -> None:
                                     "by `r3mem-bench train --method r3mem`")
                 model = json.loads(meta_file.read_text()).get("model", "smollm2-135m")
         lm = load_model(model, threads=threads)
-        options = {"memory_tokens": memory_tokens, "segment_len": segment_len}
+        if no_repeat_ngram < 0:
+            raise UserError(f"--no-repeat-ngram {no_repeat_ngram}: must be 0 (off) or a positive n-gram size")
+        options = {"memory_tokens": memory_tokens, "segment_len": segment_len, "recon_no_repeat_ngram": no_repeat_ngram}
         if checkpoint:
             options["checkpoint"] = checkpoint
         method = get_method_class("r3mem")(lm, options)
@@ -477,7 +481,8 @@ def register(app: typer.Typer) -> None:
                    "empty_memory_reconstruction_ppl": empty["ppl"], "empty_memory_rouge_l": empty["rouge_l"],
                    "memory_tokens": memory_tokens, "segment_len": segment_len, "chunks": len(report["chunks"]),
                    "tokens": sum(c["tokens"] for c in report["chunks"]), "text": text,
-                   "checkpoint": str(checkpoint or "shipped"), **({"label": label} if label else {})}
+                   "checkpoint": str(checkpoint or "shipped"), "no_repeat_ngram": no_repeat_ngram,
+                   **({"label": label} if label else {})}
         if as_json:
             typer.echo(json.dumps({**summary, "reconstruction": [c["reconstruction"] for c in report["chunks"]]},
                                   indent=1))

@@ -351,3 +351,20 @@ def test_checkpoint_without_slot_layout_loads_as_append_and_mismatches_are_refus
     fresh = get_method_class("r3mem")(tiny_lm, {**TRAIN_OPTS, "slot_layout": "anchored"})
     with pytest.raises(UserError, match="slot_layout"):
         fresh.load_checkpoint(tmp_path / "ck")
+
+
+def test_no_repeat_ngram_rule_and_decoding():
+    from r3mem_bench.r3mem import repeated_ngram_ends
+
+    assert repeated_ngram_ends([5, 6, 7, 5, 6], 3) == [7]  # "5 6 7" exists, so 7 may not follow "5 6" again
+    assert repeated_ngram_ends([5, 6, 7, 5, 6], 0) == []
+    assert repeated_ngram_ends([5, 5], 1) == [5]
+    assert repeated_ngram_ends([5], 3) == []
+
+
+def test_greedy_reconstruction_without_repeated_ngrams(tiny_lm):
+    m = make(tiny_lm, recon_no_repeat_ngram=2, recon_max_tokens=40)
+    with torch.no_grad():
+        ids = m.reconstruct_ids(m.compress(segs(1)[0].unsqueeze(0), m.empty_memory())[1])[0]
+    bigrams = list(zip(ids, ids[1:]))
+    assert len(ids) > 5 and len(bigrams) == len(set(bigrams))
