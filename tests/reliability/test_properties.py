@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from r3mem_bench.metrics import contains, exact_match, normalize_answer, token_f1
@@ -53,6 +53,7 @@ SEG_TEXT = st.one_of(TEXT, WORDY, st.text(alphabet="ab \n\u00e9\u4e2d\U0001f600\
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=SEG_TEXT, segment_len=st.integers(1, 40), max_tokens=st.one_of(st.just(0), st.integers(1, 80)))
+@example(text="\x16", segment_len=1, max_tokens=0)  # found by hypothesis: a text with no tokens
 def test_segmenter_partitions_tokens_and_bytes(tiny_lm, text, segment_len, max_tokens):
     from r3mem_bench.families.lm import segment_document
 
@@ -66,7 +67,9 @@ def test_segmenter_partitions_tokens_and_bytes(tiny_lm, text, segment_len, max_t
     assert all(s.numel() == segment_len for s in segments[:-1])
     assert len(seg_bytes) == len(segments) and all(b >= 0 for b in seg_bytes)
     total = len(text.encode("utf-8"))
-    if not max_tokens or len(ids) <= max_tokens:
+    if not ids:  # e.g. a lone control character the tokenizer drops: no segment, nothing to score
+        assert segments == [] and seg_bytes == []
+    elif not max_tokens or len(ids) <= max_tokens:
         assert sum(seg_bytes) == total  # not truncated: every byte counted exactly once
     else:
         assert sum(seg_bytes) <= total
