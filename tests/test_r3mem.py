@@ -154,9 +154,9 @@ def test_backward_path_overfits_a_fixed_text(wide_lm):
     m = trainee(wide_lm)
     text = "The quick brown fox jumps over the lazy dog near the river bank."
     ids = torch.tensor([wide_lm.tokenizer(text, add_special_tokens=False)["input_ids"] + [m.eos]])  # [1, T]
-    opt = torch.optim.Adam(list(m.trainable_parameters().values()), lr=1e-2)
+    opt = torch.optim.Adam(list(m.trainable_parameters().values()), lr=3e-3)
     losses = []
-    for step in range(60):
+    for step in range(80):
         opt.zero_grad()
         _, memory = m.compress(ids[:, :-1], m.empty_memory())
         loss = token_nll(m.expand_logits(memory, ids), ids).mean()  # reconstruction loss, backward path
@@ -165,6 +165,7 @@ def test_backward_path_overfits_a_fixed_text(wide_lm):
         losses.append(float(loss.detach()))
     assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
     m.train(False)
+    m.cfg["segment_len"] = ids.shape[1]  # the report compresses the text as one chunk, as it was trained
     report = m.reconstruction_report(text, greedy=False)
     assert report["token_accuracy"] > 0.75
 
