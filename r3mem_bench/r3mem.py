@@ -200,11 +200,11 @@ class R3Mem(MemoryMethod):
         if self.cfg["reader"] not in ("expand", "compress"):
             raise UserError(f"r3mem: reader={self.cfg['reader']!r}; fix: use reader=expand or reader=compress")
         if self.cfg["slot_layout"] not in ("append", "interleave", "anchored"):
-            raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']!r}; fix: use slot_layout=interleave or append")
+            raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']!r}; fix: use slot_layout=anchored, interleave or append")
         if self.cfg["reader"] == "compress" and "slot_layout" not in opts:
             self.cfg["slot_layout"] = "append"  # the one layout the one-pass reader supports
         if self.cfg["slot_layout"] != "append" and self.cfg["reader"] == "compress":
-            raise UserError("r3mem: slot_layout=interleave puts slots inside the text the compress pass reads; "
+            raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']} puts slots inside the text the compress pass reads; "
                             "fix: use reader=expand with it, or slot_layout=append")
         if not 1 <= self.M <= int(self.cfg["max_memory_tokens"]):
             raise UserError(f"r3mem: memory_tokens={self.M} but the checkpoint has {self.cfg['max_memory_tokens']} "

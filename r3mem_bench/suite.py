@@ -193,6 +193,7 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
             if strict:
                 raise
             classes[m["method"]] = None
+    weights_ids: dict[tuple[str, str], str | None] = {}  # (method, model) -> shipped weights' hash, read once
     specs = []
     for model in suite.models:
         for seed in suite.seeds:
@@ -213,7 +214,9 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
                     ident = {k: v for k, v in cell.items()  # location-independent
                              if k not in ("resources", "suite_output", "output")}
                     if applies is not None and not cell["checkpoint"]:  # retrained shipped weights -> a new cell
-                        weights = get_method_class(m["method"]).shipped_weights_id(model)
+                        if (m["method"], model) not in weights_ids:
+                            weights_ids[m["method"], model] = get_method_class(m["method"]).shipped_weights_id(model)
+                        weights = weights_ids[m["method"], model]
                         if weights:
                             ident["shipped_weights"] = weights
                     ident = json.dumps(ident, sort_keys=True, default=str)
