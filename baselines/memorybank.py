@@ -17,15 +17,25 @@ The memory store (one per corpus or conversation, ``self.bank``, a plain JSON-ab
   (greedy, the official summariser system prompt); its prompt and output tokens count in ``tokens_processed``.
 * ``save(path)`` / ``load(path)``: the bank as JSON; embeddings are recomputed on load (same embedder).
 
-Forgetting (Ebbinghaus): retention ``R = exp(-t / S)`` with ``t`` the days since the memory was learned or last
-recalled (``(now - last_recall) / 86400``, ``now`` = the question's time) and ``S`` its strength
-(``forgetting=paper``, default). The official code computes ``math.exp(-t / 5*S)`` = ``exp(-t * S / 5)``
-(``forgetting=official``; note it makes strong memories fade faster); ``forgetting=none`` keeps everything.
+Forgetting (Ebbinghaus): retention ``R = exp(-t / S)`` with ``S`` the memory's strength and ``t`` the time since
+it was learned or last recalled, in units of ``time_unit_days`` days: ``t = (now - last_recall) / (86400 *
+time_unit_days)``, ``now`` = the question's time (``forgetting=paper``, default). ``time_unit_days`` defaults to 1,
+the official unit: ``forgetting_curve(t, S)`` takes "Time elapsed since the information was learned (in days)",
+computed by ``_get_date_difference(last_recall_date, now_date)`` between ``%Y-%m-%d`` dates. On that scale a memory
+not recalled for a month is all but gone (``exp(-30)`` at ``S = 1``): on the generated persona task, whose sessions
+lie 33 to 50 days apart, every session but the last is forgotten before the first question (asked a day after the
+last session, where each memory of the last one survives with probability ``exp(-1)``). ``time_unit_days=30`` puts
+the curve on a monthly scale, and ``memorybank_noforget`` is the same method with no forgetting (the control). The
+official code computes ``math.exp(-t / 5*S)`` = ``exp(-t * S / 5)`` (``forgetting=official``; note it makes strong
+memories fade faster); ``forgetting=none`` keeps everything.
 Each memory survives a forgetting pass with probability R: a draw ``u ~ U[0, 1)`` from
 ``np.random.default_rng([seed, crc32(corpus), day])`` forgets it when ``u > R``, as the official
 ``random.random() > retention_probability``. As in the official code, which forgets when it loads the memory
 file, a pass runs once per day of the clock (the first question asked on a new day of ``now``); forgotten items
 are gone for good. Recall: each retrieved memory gets ``S += 1`` and its last-recall time set to ``now``.
+The QA protocol asks a conversation's questions in time order, so a recall's strength update is in place before
+the next question's forgetting pass; a resumed run first replays (``replay``) the recalls of the questions it
+answered before, so its numbers equal an uninterrupted run's.
 Day summaries are not forgotten on their own (a day's summary is dropped when all its turns are), as in the
 official loader. Items without a timestamp (a static RAG corpus) are never forgotten and have no day
 summaries, so on ``rag`` tasks MemoryBank is dense retrieval over the passages with the official memory format.
@@ -36,10 +46,10 @@ are sorted by date like the official ``search_memory`` and put in the prompt wit
 summary and the user portrait. ``retrieved_ids`` are the item ids (day summaries appear as ``summary:<day>``).
 
 Deviations from the official code: memories are whole items (the official splits turns into sentences with a
-Chinese text splitter and re-merges neighbours up to 200 characters); ``t`` is in fractional days rather than
-calendar-date differences; the base model (SmolLM2) writes the summaries instead of gpt-3.5-turbo (temperature
-0.7, 400 tokens), greedily and shorter; the answer uses the benchmark's shared prompt and generator so all
-methods are compared alike, with MemoryBank's [memory] block as the context.
+Chinese text splitter and re-merges neighbours up to 200 characters); ``t`` is a fractional number of time units
+rather than a whole calendar-date difference; the base model (SmolLM2) writes the summaries instead of
+gpt-3.5-turbo (temperature 0.7, 400 tokens), greedily and shorter; the answer uses the benchmark's shared prompt
+and generator so all methods are compared alike, with MemoryBank's [memory] block as the context.
 """
 
 from __future__ import annotations
@@ -63,16 +73,28 @@ SUMMARY_SYSTEM = ("Below is a transcript of a conversation between a human and a
                   "and knowledgeable in psychology.")
 
 
-def retention(t_days: float, strength: float, variant: str = "paper") -> float:
-    """Ebbinghaus retention: ``exp(-t/S)`` (paper), ``exp(-t*S/5)`` (official code) or 1 (none)."""
+def retention(t: float, strength: float, variant: str = "paper") -> float:
+    """Ebbinghaus retention after ``t`` time units: ``exp(-t/S)`` (paper), ``exp(-t*S/5)`` (official code) or 1."""
     if variant == "none":
         return 1.0
-    t = max(0.0, float(t_days))
+    t = max(0.0, float(t))
     if variant == "paper":
         return math.exp(-t / float(strength))
     if variant == "official":
         return math.exp(-t / 5 * float(strength))
     raise UserError(f"forgetting={variant}: unknown; fix: use one of {', '.join(FORGETTING)}")
+
+
+def time_unit(value) -> float:
+    """The ``time_unit_days`` option as a positive number of days."""
+    try:
+        unit = float(value)
+    except (TypeError, ValueError):
+        unit = float("nan")
+    if not (math.isfinite(unit) and unit > 0):
+        raise UserError(f"time_unit_days={value}: not a positive number of days; fix: --method-arg time_unit_days=1 "
+                        "(the official day) or another positive number such as 30")
+    return unit
 
 
 def day_of(timestamp: float) -> str:
@@ -124,6 +146,7 @@ class MemoryBank(MemoryMethod):
         o = self.options
         self.forgetting = str(o.get("forgetting", "paper"))
         retention(0.0, 1.0, self.forgetting)  # validates the name
+        self.time_unit_days = time_unit(o.get("time_unit_days", 1.0))
         self.top_k = int(o.get("top_k", 5))
         self.summaries = str(o.get("summaries", "on")).lower() not in ("off", "0", "false", "no")
         self.summary_tokens = int(o.get("summary_tokens", 64))
@@ -132,6 +155,10 @@ class MemoryBank(MemoryMethod):
         self.key = ""
         self._summarizer = None
         self.reset()
+
+    def config(self) -> dict:
+        """The options, with the forgetting variant and its time unit resolved (both define the numbers)."""
+        return {**super().config(), "forgetting": self.forgetting, "time_unit_days": self.time_unit_days}
 
     # ---- store -------------------------------------------------------------------------------------------
     def begin(self, key: str) -> None:
@@ -218,14 +245,19 @@ class MemoryBank(MemoryMethod):
         self.index.add(self.vectors)
 
     # ---- forgetting and recall -----------------------------------------------------------------------------
+    def draws(self, now: float):
+        """The forgetting pass's source of ``u ~ U[0, 1)``: one generator per (seed, corpus, day of ``now``)."""
+        return np.random.default_rng([self.seed, zlib.crc32(str(self.bank["corpus"]).encode()), int(now // DAY)])
+
     def forget(self, now: float) -> list[str]:
         """One forgetting pass at time ``now`` (seconds): drop each dated memory with probability 1 - R."""
-        rng = np.random.default_rng([self.seed, zlib.crc32(str(self.bank["corpus"]).encode()), int(now // DAY)])
+        rng = self.draws(now)
         gone = []
         for m in self.bank["memories"]:
             if m["forgotten"] or m["last_recall"] is None:
                 continue
-            r = retention((now - m["last_recall"]) / DAY, m["strength"], self.forgetting)
+            t = (now - m["last_recall"]) / (DAY * self.time_unit_days)
+            r = retention(t, m["strength"], self.forgetting)
             if rng.random() > r:
                 m["forgotten"] = True
                 gone.append(m["id"])
@@ -272,6 +304,10 @@ class MemoryBank(MemoryMethod):
                 parts.append(f"The date of this [memory] is {', '.join(dates)}.")
         return "\n".join(parts), [d["id"] for d in picked]
 
+    def replay(self, question: str, now: float | None = None) -> None:
+        """Redo an answered question's forgetting pass and recall (no answer): a resumed run catches up with it."""
+        self.retrieve(question, now=now)
+
     # ---- persistence and costs ------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write the bank (memories, strengths, summaries, portrait) as JSON."""
@@ -295,3 +331,16 @@ class MemoryBank(MemoryMethod):
     def state_bytes(self) -> int:
         """JSON bank (text, summaries, strengths) + FAISS index (its float32 vectors)."""
         return len(json.dumps(self.bank, ensure_ascii=False).encode()) + self.index.nbytes()
+
+
+@register_method
+class MemoryBankNoForget(MemoryBank):
+    """MemoryBank with ``forgetting=none``: the same summaries, portrait, retrieval and recall updates, and the same
+    ingest code path, but every memory stays. A ``forgetting`` option given to the run does not apply to it (its
+    manifest records ``forgetting: none``)."""
+
+    name = "memorybank_noforget"
+    description = "MemoryBank control: same summaries, portrait and FAISS recall, no forgetting"
+
+    def __init__(self, lm, options=None, generator=None, prompt=None):
+        super().__init__(lm, {**dict(options or {}), "forgetting": "none"}, generator, prompt)

@@ -45,6 +45,7 @@ QA families: the corpus or dialogue history is read recurrently (items in order,
 has one, cut into segments of the checkpoint's segment length) into the memory; the answer is generated greedily
 from ``[first prompt token][memory][rest of the shared chat prompt]`` with the task's closed-book template, so
 everything the model knows about the corpus comes through the M memory vectors. No item ids are retrieved.
+Answer likelihood (``answer_nll``) scores gold and candidate answers after that same memory-prefixed input.
 
 Held-out results (WikiText-2, SmolLM2-135M, both checkpoints) and their commands: ``results/rmt/heldout.md``.
 
@@ -64,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from r3mem_bench.errors import UserError
-from r3mem_bench.method import Answer, MemoryMethod, tensor_bytes
+from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
 from r3mem_bench.methods import register_method
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
@@ -107,6 +108,7 @@ class RMT(MemoryMethod):
     families = ("lm", "rag", "dialogue")
     description = "Recurrent Memory Transformer: M memory tokens carried across segments (LoRA + learned memory)"
     trainable = True
+    batched_training = True  # training_losses takes [B, S] segments (trainer --micro-batch)
     carry_memory = True
 
     def __init__(self, lm, options=None, generator=None, prompt=None):
@@ -193,6 +195,10 @@ class RMT(MemoryMethod):
         """The carried memory: M x H floats."""
         return tensor_bytes(self.memory)
 
+    def lm_state_bytes(self) -> int:
+        """The memory carried into the next segment (M x H floats); the reset control carries none."""
+        return tensor_bytes(self.memory) if self.carry_memory else 0
+
     @torch.no_grad()
     def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
         """NLL of the segment given the carried memory; then write the segment into the memory."""
@@ -266,7 +272,12 @@ class RMT(MemoryMethod):
             return path
         if self.options.get("untrained") or self.for_training:
             return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
-        return self.shipped_checkpoint(self.lm.name)
+        shipped = self.shipped_checkpoint(self.lm.name)
+        if shipped is None:
+            raise UserError(f"{self.name}: no trained checkpoint for model '{self.lm.name}'; fix: train one with "
+                            f"`r3mem-bench train --method rmt --model {self.lm.name} --output DIR` and pass "
+                            "--checkpoint DIR (or --method-arg untrained=true for the untrained control)")
+        return shipped
 
     @classmethod
     def shipped_checkpoint(cls, model: str) -> Path | None:
@@ -360,6 +371,26 @@ class RMT(MemoryMethod):
         self.tokens_processed += prompt_tokens + len(new)
         return Answer(text=tok.decode(new, skip_special_tokens=True).strip(), retrieved_ids=[],
                       prompt_tokens=prompt_tokens, context="")
+
+    @torch.no_grad()
+    def answer_nll(self, question: str, texts: list[str], now: float | None = None,
+                   given: Answer | None = None) -> AnswerNLL:
+        """Mean per-token NLL of each text after ``[first prompt token][memory][rest of the closed-book prompt]``:
+        the input ``answer`` generates from, run once through the adapted model with a KV cache."""
+        from r3mem_bench.generation import HFGenerator, continuation_nll
+
+        gen = self.generator
+        if not hasattr(gen, "continuation_ids"):
+            gen = HFGenerator(self.lm, system=self.prompt.system)
+        ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
+        memory = self.state if (self.state is not None and self.carry_memory) else self.initial_memory(1)
+        emb = self._embed(ids.view(1, -1))
+        x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
+        conts = [gen.continuation_ids(t)[: self.lm.max_length // 2] for t in texts]
+        if given is None:
+            self.tokens_processed += x.shape[1]
+        scored = continuation_nll(self.body, conts, prompt_embeds=x)
+        return AnswerNLL([s for s, _ in scored], [n for _, n in scored], x.shape[1], [], "")
 
 
 @register_method

@@ -55,12 +55,15 @@ def run(
     backend: str = typer.Option("hf", "--backend", help="Generation backend: auto, hf or vllm."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
 ) -> None:
     """Evaluate methods on tasks; finished examples are kept and skipped on rerun."""
+    from r3mem_bench.plugins import load_method_paths
     from r3mem_bench.report import collect, render
     from r3mem_bench.runner import RunConfig
     from r3mem_bench.runner import run as do_run
 
+    load_method_paths(method_path)
     overrides = _parse_options(param)
     if segment_len is not None:
         overrides["segment_len"] = segment_len
@@ -77,12 +80,15 @@ def run(
 
 
 @app.command("list")
-def list_cmd(include_path: list[str] = typer.Option([], "--include-path")) -> None:
+def list_cmd(include_path: list[str] = typer.Option([], "--include-path"),
+             method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder.")) -> None:
     """Tasks by family, methods (and the families they apply to) and models."""
     from r3mem_bench.methods import all_methods
     from r3mem_bench.models import BUILTIN_MODELS
+    from r3mem_bench.plugins import load_method_paths
     from r3mem_bench.task import TaskRegistry
 
+    load_method_paths(method_path)
     reg = TaskRegistry(include_path)
     typer.echo("Tasks")
     for fam, specs in sorted(reg.families().items()):
@@ -134,6 +140,46 @@ def report(
         atomic_write_text(Path(out), text)
     else:
         typer.echo(text, nl=False)
+
+
+@app.command("new-method")
+def new_method(
+    name: str = typer.Argument(..., help="Method name: a Python identifier not used by another method."),
+    trainable: bool = typer.Option(False, "--trainable", help="Add the interface of `r3mem-bench train`."),
+    out: str = typer.Option(".", "--out", help="Folder for NAME.py, test_NAME.py and NAME_suite.yaml."),
+) -> None:
+    """Write a small working memory method, its pytest file and a suite config comparing it with the references."""
+    from r3mem_bench.scaffold import write_scaffold
+
+    for path in write_scaffold(name, out, trainable=trainable):
+        typer.echo(f"wrote {path}")
+    typer.echo(f"next: r3mem-bench check-method {name} --method-path {out}")
+
+
+@app.command("check-method")
+def check_method(
+    name: str = typer.Argument(..., help="Registered method name (built-in or plugin)."),
+    method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
+    model: str = typer.Option("tiny-random", "--model", help="Base model of the checks."),
+    method_arg: list[str] = typer.Option([], "--method-arg", help="Method option key=value (repeatable)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+) -> None:
+    """Check a method against the MemoryMethod contract on tiny inputs; exit 1 if any check fails."""
+    from r3mem_bench.conformance import run_checks
+    from r3mem_bench.methods import get_method_class
+    from r3mem_bench.models import load_model
+    from r3mem_bench.plugins import load_method_paths
+
+    load_method_paths(method_path)
+    get_method_class(name)  # an unknown name is a usage error before the model loads
+    options = _parse_options(method_arg)
+    results = run_checks(name, load_model(model, threads=threads), options)
+    for r in results:
+        typer.echo(r.line())
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        raise CheckFailed(f"check-method {name}: {len(failed)} of {len(results)} checks failed: {'; '.join(failed)}")
+    typer.echo(f"check-method {name}: all {len(results)} checks pass")
 
 
 def _register_extensions() -> None:

@@ -3,13 +3,21 @@
 ``Generator`` is the interface (``generate(prompts) -> [Generation]``); ``HFGenerator`` implements it with
 ``transformers`` ``generate`` (greedy, batched with left padding, KV cache). A vLLM backend plugs in behind the
 same interface. Prompts go through the tokenizer's chat template when it has one.
+
+Answer likelihood (the QA families' ``answer_nll`` and ``choice_acc``) scores texts as continuations of the same
+encoded prompt the generator would answer from: ``HFGenerator.continuation_ids`` tokenises an answer as the
+model would emit it after that prompt (plain tokens after a chat template's assistant header; with a leading
+space after a plain-text prompt) and :func:`continuation_nll` runs the prompt once, then every continuation on
+its KV cache.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from r3mem_bench.models import LoadedModel
 
@@ -78,6 +86,13 @@ class HFGenerator(Generator):
             ids = ids[-self.max_prompt_tokens:]
         return ids
 
+    def continuation_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as an answer after an encoded prompt (no special tokens, no end-of-turn token)."""
+        tok = self.lm.tokenizer
+        if getattr(tok, "chat_template", None):  # the assistant header ends the prompt: the answer starts bare
+            return tok(text.strip(), add_special_tokens=False)["input_ids"]
+        return tok(" " + text.strip(), add_special_tokens=False)["input_ids"]  # after "Answer:" comes a space
+
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> list[Generation]:
         """Greedy answers, batched with left padding."""
@@ -102,6 +117,46 @@ class HFGenerator(Generator):
                     new = new[: new.index(tok.eos_token_id)]
                 out.append(Generation(tok.decode(new, skip_special_tokens=True).strip(), len(ids), len(new)))
         return out
+
+
+@torch.no_grad()
+def continuation_nll(model, continuations: list[list[int]], prompt_ids: list[int] | None = None,
+                     prompt_embeds: torch.Tensor | None = None) -> list[tuple[float, int]]:
+    """(mean per-token NLL in nats, token count) of each continuation after one shared prompt.
+
+    The prompt (token ids, or input embeddings [1, P, H] for methods that splice vectors into it) goes through
+    ``model`` once with a KV cache; each continuation is then run on that cache, which is cropped back to the
+    prompt afterwards. Its first token is predicted from the prompt's last position. An empty continuation
+    gives ``(nan, 0)``; no continuation runs nothing.
+    """
+    if not continuations:
+        return []
+    device = next(model.parameters()).device
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+    keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})  # last logits only
+    if prompt_embeds is not None:
+        out = model(inputs_embeds=prompt_embeds.to(device), use_cache=True, **keep)
+        n_prompt = prompt_embeds.shape[1]
+    else:
+        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long, device=device), use_cache=True, **keep)
+        n_prompt = len(prompt_ids)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    last = out.logits[:, -1:]
+    scores = []
+    for ids in continuations:
+        if not ids:
+            scores.append((float("nan"), 0))
+            continue
+        target = torch.tensor([ids], dtype=torch.long, device=device)
+        logits = last
+        if len(ids) > 1:
+            step = model(input_ids=target[:, :-1], use_cache=True, **{cache_arg: cache})
+            logits = torch.cat([last, step.logits], dim=1)
+            cache.crop(-(cache.get_seq_length() - n_prompt))  # negative: drop that many (old and new APIs)
+        nll = F.cross_entropy(logits[0].float(), target[0], reduction="sum")
+        scores.append((float(nll) / len(ids), len(ids)))
+    return scores
 
 
 def make_prompt(params: dict) -> PromptTemplate:

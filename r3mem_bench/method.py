@@ -13,6 +13,13 @@ family protocol, which is the only caller:
   for each question. Prompt-based methods implement ``retrieve(question) -> (context_text, retrieved_ids)`` and
   inherit ``answer``, which formats the task's shared prompt template and calls the shared generator, so every
   method is compared with the same model, prompt and decoding.
+* **Answer likelihood** (QA): ``answer_nll(question, texts, now, given)`` scores texts (the first gold answer,
+  then any answer candidates) as continuations of what the method answers from, one prompt forward pass per
+  question (:func:`r3mem_bench.generation.continuation_nll`). The default is the prompt path: the same rendered
+  prompt, chat-formatted and truncated as the generator encodes it, with the context of ``given`` (the method's
+  ``Answer`` to that question, so nothing is retrieved twice) or, when the family skipped generation, of
+  ``retrieve``. A method with its own ``answer`` overrides it too (RMT scores after its memory-prefixed prompt);
+  one that overrides ``answer`` only, or has no shared prompt, returns None (no likelihood metrics).
 * **Costs, for all**: ``tokens_processed`` counts tokens pushed through the base model (prompts, memory slots,
   segments, summaries: everything the method pays for), ``state_bytes()`` is the size of the memory state the
   method carries (tensors, stored text and indexes), reported after each document or ingest.
@@ -49,6 +56,17 @@ class Answer:
     context: str = ""
 
 
+@dataclass
+class AnswerNLL:
+    """Likelihood of candidate answer texts after a method's prompt (see ``MemoryMethod.answer_nll``)."""
+
+    nll: list[float]  # mean per-token NLL (nats) of each text, in the order given; nan for an empty text
+    tokens: list[int]  # answer tokens of each text
+    prompt_tokens: int  # positions of the prompt the texts were scored after
+    retrieved_ids: list[str] = field(default_factory=list)
+    context: str = ""
+
+
 FOR_TRAINING = "for_training"  # option the trainer sets (and only it): build fresh weights to be trained
 
 
@@ -59,10 +77,11 @@ class MemoryMethod(ABC):
     families: ClassVar[tuple[str, ...]] = ("lm", "rag", "dialogue")
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
+    preset_options: ClassVar[dict] = {}  # options a derived name fixes (``r3mem:memory_tokens=4``); they win
 
     def __init__(self, lm: LoadedModel, options: dict[str, Any] | None = None, generator=None, prompt=None):
         self.lm = lm
-        self.options = dict(options or {})
+        self.options = {**dict(options or {}), **self.preset_options}
         self.for_training = bool(self.options.pop(FOR_TRAINING, False))  # built by `r3mem-bench train`
         self.generator = generator  # r3mem_bench.generation.Generator, for QA families
         self.prompt = prompt  # r3mem_bench.generation.PromptTemplate, shared by all methods of a task
@@ -101,6 +120,12 @@ class MemoryMethod(ABC):
         """Bytes of memory state the method currently holds."""
         return 0
 
+    def lm_state_bytes(self) -> int | None:
+        """Bytes of the state carried from one LM segment to the next, from the shapes alone (None: unknown).
+
+        Sizes the equal-state sliding window ``window@NAME`` (``r3mem_bench.methods.derived``)."""
+        return None
+
     def config(self) -> dict:
         """Options that define this method (recorded in the manifest and its config hash)."""
         return {"name": self.name, **self.options}
@@ -134,6 +159,44 @@ class MemoryMethod(ABC):
         out = self.generator.generate([text_prompt])[0]
         self.tokens_processed += out.prompt_tokens + out.new_tokens
         return Answer(text=out.text, retrieved_ids=ids, prompt_tokens=out.prompt_tokens, context=context)
+
+    def _encoder(self):
+        """The prompt encoder: the task's generator, or an HF one with the prompt's system text (vLLM has one)."""
+        if hasattr(self.generator, "encode") and hasattr(self.generator, "continuation_ids"):
+            return self.generator
+        from r3mem_bench.generation import HFGenerator
+
+        return HFGenerator(self.lm, system=self.prompt.system)
+
+    @torch.no_grad()
+    def answer_nll(self, question: str, texts: list[str], now: float | None = None,
+                   given: Answer | None = None) -> AnswerNLL | None:
+        """Mean per-token NLL of each of ``texts`` as the answer after this method's prompt for ``question``.
+
+        The prompt path: ``given.context`` (the context the method answered from) or, without ``given``,
+        ``retrieve``; the shared template rendered with it and encoded as the generator encodes it (chat template,
+        truncated from the front, further when prompt + longest text would exceed the model's window); texts of
+        more than half the window are cut to that. Without ``given`` the prompt's tokens are counted in
+        ``tokens_processed`` (what answering would read); with it they already were. None when the method has no
+        shared prompt or answers through its own ``answer`` without overriding this.
+        """
+        from r3mem_bench.generation import continuation_nll
+
+        if self.prompt is None or type(self).answer is not MemoryMethod.answer:
+            return None
+        if given is not None:
+            context, ids = given.context, list(given.retrieved_ids)
+        else:
+            context, ids = self.retrieve(question, now=now)
+        enc = self._encoder()
+        prompt_ids = enc.encode(self.prompt.render(question=question, context=context))
+        conts = [enc.continuation_ids(t)[: self.lm.max_length // 2] for t in texts]
+        room = self.lm.max_length - max((len(c) for c in conts), default=0)
+        prompt_ids = prompt_ids[-room:]
+        if given is None:
+            self.tokens_processed += len(prompt_ids)
+        scored = continuation_nll(self.lm.model, conts, prompt_ids=prompt_ids)
+        return AnswerNLL([s for s, _ in scored], [n for _, n in scored], len(prompt_ids), ids, context)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

@@ -1,9 +1,17 @@
-"""QA metrics with SQuAD-style normalisation: exact match, token F1, answer containment, retrieval recall.
+"""QA metrics: exact match, token F1, answer containment, retrieval recall, with two answer normalisations.
 
-Normalisation follows the official SQuAD v1.1 evaluation script (lower-case, drop punctuation and the articles
-a/an/the, collapse white space; punctuation is deleted, not replaced by a space, so "U.S." matches "US") with
-one deliberate extension: punctuation is ASCII ``string.punctuation`` plus any Unicode punctuation character
-(category P*), so curly quotes and dashes do not break matches. Text is NFKC-normalised first.
+* ``official`` (the QA families' default, task param ``normalization``): exactly the official SQuAD v1.1
+  evaluation script (evaluate-v1.1.py): lower-case, delete ASCII ``string.punctuation``, replace the articles
+  a/an/the by a space, collapse white space; F1 over the token multisets (``Counter``), 0 when nothing is shared
+  (so two answers that both normalise to nothing score 0); EM and F1 are maxima over the gold answers. The script
+  prints 100 x the mean; the families report the mean in [0, 1]. Functions: :func:`normalize_official`,
+  :func:`exact_match_official`, :func:`f1_official`.
+* ``extended``: the same steps after NFKC normalisation, deleting any Unicode punctuation (category P*) as well,
+  so curly quotes and dashes do not break matches; F1 of two empty answers is 1. Functions:
+  :func:`normalize_answer`, :func:`exact_match`, :func:`token_f1` (also used for abstention detection and
+  TriviaQA evidence labels).
+
+:func:`squad_scorers` returns the (EM, F1, containment) functions of a normalisation by name.
 """
 
 from __future__ import annotations
@@ -25,20 +33,62 @@ def _is_punct(ch: str) -> bool:
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, delete punctuation (ASCII and Unicode), drop articles, collapse white space."""
+    """Extended normalisation: NFKC, lower-case, delete punctuation (ASCII and Unicode), drop articles, collapse
+    white space."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(ch for ch in text if not _is_punct(ch))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
+def normalize_official(s: str) -> str:
+    """The official SQuAD v1.1 ``normalize_answer``: lower, remove ASCII punctuation, articles, extra white space."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _ASCII_PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match_official(prediction: str, gold: str) -> float:
+    """Official SQuAD v1.1 ``exact_match_score``."""
+    return float(normalize_official(prediction) == normalize_official(gold))
+
+
+def f1_official(prediction: str, gold: str) -> float:
+    """Official SQuAD v1.1 ``f1_score`` (0 when no token is shared, even if both are empty)."""
+    pred, ref = normalize_official(prediction).split(), normalize_official(gold).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains_official(prediction: str, gold: str) -> float:
+    """1.0 when the officially normalised gold answer appears in the officially normalised prediction."""
+    g = normalize_official(gold)
+    return float(bool(g) and f" {g} " in f" {normalize_official(prediction)} ")
+
+
+NORMALIZATIONS = ("official", "extended")
+
+
+def squad_scorers(normalization: str = "official"):
+    """(exact match, token F1, containment) functions of ``normalization`` (``official`` or ``extended``)."""
+    if normalization == "official":
+        return exact_match_official, f1_official, contains_official
+    if normalization == "extended":
+        return exact_match, token_f1, contains
+    raise ValueError(f"unknown normalization {normalization!r}; use one of {NORMALIZATIONS}")
+
+
 def exact_match(prediction: str, gold: str) -> float:
-    """1.0 when the normalised strings are equal."""
+    """1.0 when the extended-normalised strings are equal."""
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
 def token_f1(prediction: str, gold: str) -> float:
-    """Token-level F1 between normalised prediction and gold (SQuAD definition)."""
+    """Token-level F1 between extended-normalised prediction and gold (1.0 when both are empty)."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not pred or not ref:
         return float(pred == ref)
@@ -51,7 +101,7 @@ def token_f1(prediction: str, gold: str) -> float:
 
 
 def contains(prediction: str, gold: str) -> float:
-    """1.0 when the normalised gold answer appears in the normalised prediction."""
+    """1.0 when the extended-normalised gold answer appears in the extended-normalised prediction."""
     g = normalize_answer(gold)
     return float(bool(g) and f" {g} " in f" {normalize_answer(prediction)} ")
 

@@ -2,6 +2,9 @@
 
 * ``lm_position``: perplexity of each segment against the tokens of history before it, one line per method;
 * ``quality_vs_memory``: each task's headline metric against the memory state the method carries (bytes);
+* ``lm_frontier``: the quality-state frontier: LM perplexity after the first segment against the bytes of state
+  a method carries (log scale), one line per method family across its sizes (``r3mem:memory_tokens=M``, sliding
+  windows ``no_memory:window=W`` and ``window@...``, ...); methods that carry nothing are dashed lines;
 * ``latency_vs_history``: seconds per document (LM) or per question (QA) against the history length in tokens;
 * ``dialogue_categories``: dialogue F1 per question category and method;
 * ``r3mem_reconstruction``: R3Mem reconstruction quality against memory size, from ``results/r3mem/*.json``
@@ -101,6 +104,48 @@ def plot_quality_vs_memory(report: Report, outdir: Path) -> list[Path]:
         ax.set(title=task, xlabel="memory state (bytes)", ylabel=metric)
         ax.legend(fontsize=7)
     return save(fig, outdir / "quality_vs_memory")
+
+
+def series_of(method: str) -> str:
+    """The line a method's point belongs to in the frontier: its base name, or "sliding window"."""
+    base = method.split(":")[0]
+    return "sliding window" if base.startswith("window") or base == "no_memory" else base
+
+
+def plot_frontier(report: Report, outdir: Path, metric: str = "ppl_after_first") -> list[Path]:
+    """LM quality against state bytes, one line per series (see ``series_of``), one panel per LM task."""
+    tasks = [t for fam, t in report.tasks if fam == "lm"]
+    tasks = [t for t in tasks if any(c.task == t and metric in c.metrics for c in report.cells)]
+    if not tasks:
+        return []
+    fig, axes = _grid(len(tasks), width=5.0, height=3.8)
+    for ax, task in zip(axes, tasks):
+        for model in report.models:
+            lines: dict[str, list[tuple[float, object]]] = {}
+            for method in report.methods:
+                cell = report.cell(model, task, method)
+                if cell and metric in cell.metrics:
+                    lines.setdefault(series_of(method), []).append((float(cell.metrics.get("state_bytes", 0.0)),
+                                                                    report.stat(cell, metric)))
+            prefix = "" if len(report.models) == 1 else f"{model}: "
+            for name, points in sorted(lines.items()):
+                zero = [s for x, s in points if x <= 0]
+                for s in zero:
+                    ax.axhline(s.value, ls="--", lw=1, color="grey")
+                    ax.annotate(f"{prefix}{name} (no state)", (0.01, s.value), xycoords=("axes fraction", "data"),
+                                fontsize=6, va="bottom")
+                points = sorted(((x, s) for x, s in points if x > 0), key=lambda p: p[0])
+                if not points:
+                    continue
+                xs = [x for x, _ in points]
+                ys = [s.value for _, s in points]
+                err = [[max(0.0, s.value - s.lo) for _, s in points], [max(0.0, s.hi - s.value) for _, s in points]] \
+                    if all(s.lo is not None and s.hi is not None for _, s in points) else None
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, lw=1, label=prefix + name)
+        ax.set_xscale("log")
+        ax.set(title=f"{task}: quality vs state", xlabel="state carried between segments (bytes, log)", ylabel=metric)
+        ax.legend(fontsize=7)
+    return save(fig, outdir / "lm_frontier")
 
 
 def _latency_points(cell) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +260,7 @@ def plot_reconstruction(folder: Path, outdir: Path) -> tuple[list[Path], str]:
 def plot_all(report: Report, outdir: Path, r3mem_dir: Path | None = None) -> tuple[list[Path], list[str]]:
     """Every figure that the runs support; returns the files written and messages about skipped figures."""
     written: list[Path] = []
-    for fn in (plot_position, plot_quality_vs_memory, plot_latency, plot_categories):
+    for fn in (plot_position, plot_quality_vs_memory, plot_frontier, plot_latency, plot_categories):
         written += fn(report, outdir)
     messages = []
     if r3mem_dir is not None:

@@ -444,6 +444,15 @@ class R3Mem(MemoryMethod):
         self.tokens_processed += self.read_cost(tokens.shape[1], self.M, new is not None)
         return nll
 
+    def lm_state_bytes(self) -> int:
+        """Keys and values of the M slots in every layer, carried into the next segment (none for the reset
+        control)."""
+        if self.reset_each_segment:
+            return 0
+        s = self.shape
+        elem = self.embed.weight.element_size()
+        return 2 * s["layers"] * s["kv_heads"] * self.M * s["head_dim"] * elem
+
     def state_bytes(self) -> int:
         """Bytes of the stored memory tensors (+ entity key strings in QA)."""
         bank = sum(tensor_bytes(e["memory"]) + len(e.get("key", "").encode()) for e in self.bank)

@@ -356,8 +356,12 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="Compare even when model, data or config differ."),
         executor: str = typer.Option("local", "--executor", help="local or ray."),
         resume: bool = typer.Option(False, "--resume", help="Keep finished cells found in --output (else rerun all)."),
+        method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
     ) -> None:
         """Run a suite and compare its quality metrics with a reference; exit 1 on a regression."""
+        from r3mem_bench.plugins import load_method_paths
+
+        load_method_paths(method_path)
         checks = run_regress(suite, reference, output, use_ci, junit, summary, update_reference, force, executor,
                              resume)
         if update_reference:

@@ -4,8 +4,9 @@
 them as one tidy table. ``build_report`` turns records into the paper's tables:
 
 * the **main table**: methods x tasks, the family's headline metrics (lm: ``ppl_after_first``, ``bits_per_byte``;
-  rag: ``f1``, ``em``, ``recall``; dialogue: ``f1``), best value in bold, bootstrap 95% intervals as ``±`` and,
-  with a reference method, the p-value of a paired test against it (:mod:`r3mem_bench.stats`);
+  rag: ``f1``, ``em``, ``recall``, ``answer_nll``, ``choice_acc``; dialogue: ``f1``, ``recall``, ``answer_nll``,
+  ``choice_acc``; a column only where a task has the metric), best value in bold, bootstrap 95% intervals as
+  ``±`` and, with a reference method, the p-value of a paired test against it (:mod:`r3mem_bench.stats`);
 * one table per **family** with every quality metric and the cost columns (tokens processed, latency, memory
   state bytes), LM perplexity per segment (position in the stream), dialogue F1 per question category;
 * the **missing cells**: cells a suite expected that have no results or did not finish.
@@ -30,16 +31,18 @@ from r3mem_bench.errors import UserError
 from r3mem_bench.families import get_family
 from r3mem_bench.store import MANIFEST, RESULTS, check_manifest, read_rows
 
-HEADLINE = {"lm": ("ppl_after_first", "bits_per_byte"), "rag": ("f1", "em", "recall"), "dialogue": ("f1",)}
-QUALITY = {"lm": ("ppl", "ppl_after_first", "bits_per_byte"), "rag": ("em", "f1", "contains", "recall"),
-           "dialogue": ("em", "f1", "contains", "recall")}
+HEADLINE = {"lm": ("ppl_after_first", "bits_per_byte"), "rag": ("f1", "em", "recall", "answer_nll", "choice_acc"),
+            "dialogue": ("f1", "recall", "answer_nll", "choice_acc")}
+QUALITY = {"lm": ("ppl", "ppl_after_first", "bits_per_byte"),
+           "rag": ("em", "f1", "contains", "recall", "answer_nll", "choice_acc"),
+           "dialogue": ("em", "f1", "contains", "recall", "answer_nll", "choice_acc")}
 COSTS = {"lm": ("tokens_processed", "seconds_per_segment", "state_bytes"),
          "rag": ("tokens_processed", "prompt_tokens", "answer_s", "ingest_s", "state_bytes",
                  "bytes_per_1k_corpus_tokens"),
          "dialogue": ("tokens_processed", "prompt_tokens", "answer_s", "ingest_s", "state_bytes")}
 _LOWER = re.compile(r"^(ppl|ppl_after_first|bits_per_byte|latency.*|seconds_per_segment|.*_s|tokens_processed|"
-                    r"prompt_tokens|state_bytes|bytes_per_1k_corpus_tokens)$")
-_HIGHER = re.compile(r"^(em|f1|contains|recall|abstention|abstention_acc)(/.*)?$")
+                    r"prompt_tokens|state_bytes|bytes_per_1k_corpus_tokens|answer_nll(/.*)?)$")
+_HIGHER = re.compile(r"^(em|f1|contains|recall|abstention|abstention_acc|choice_acc)(/.*)?$")
 MAX_POSITIONS = 12  # segment columns in the LM position table
 
 
@@ -331,10 +334,12 @@ class Report:
         return Table("dialogue_categories", "dialogue: F1 by question category", labels, cats, rows)
 
     def memory_gain_table(self, metric: str = "ppl_after_first") -> Table | None:
-        """LM: each memory method against ``no_memory`` and against its own ``<method>_reset`` control.
+        """LM: each memory method against ``no_memory``, its own reset and the equal-state sliding window.
 
         Differences (method minus control) come with paired bootstrap 95% intervals over documents; "gap closed"
-        is the share of the no_memory -> full_context gap the method closes (needs both references).
+        is the share of the no_memory -> full_context gap the method closes (needs both references). A method's
+        reset control is ``<base>_reset`` with the same fixed options (``rmt:num_mem_tokens=4`` ->
+        ``rmt_reset:num_mem_tokens=4``); its equal-state window is ``window@<method>``.
         """
         rows = []
         o = self.options
@@ -347,8 +352,11 @@ class Report:
                     cell = self.cell(model, task, method)
                     if cell is None or metric not in cell.metrics:
                         continue
+                    head, sep, fixed = method.partition(":")
+                    controls = [self.cell(model, task, f"{head}_reset{sep}{fixed}"),
+                                self.cell(model, task, f"window@{method}")]
                     vals: list[Stat | None] = [self.stat(cell, metric)]
-                    for control in (base, self.cell(model, task, f"{method}_reset")):
+                    for control in [base] + controls:
                         diff = None
                         if control is not None and control is not cell and cell.rows and control.rows:
                             diff = stats.paired_bootstrap_diff(cell.sample(metric, o.ci_unit),
@@ -364,17 +372,36 @@ class Report:
             return None
         labels = ["task"] + (["model"] if len(self.models) > 1 else []) + ["method"]
         return Table("lm_memory_gain", f"LM: what the memory adds ({metric})", labels,
-                     [metric, "Δ vs no_memory", "Δ vs own reset", "gap closed %"], rows,
+                     [metric, "Δ vs no_memory", "Δ vs own reset", "Δ vs equal-state window", "gap closed %"], rows,
                      note="Δ: method minus control, paired bootstrap 95% interval in brackets (resampling "
                           f"units: {o.ci_unit}; auto = documents when a task has at least 10, else segments; "
                           "negative = lower perplexity than the control). Own reset: the same trained adapter "
-                          "with its memory emptied at every segment. Gap closed: (no_memory - method) / "
+                          "with its memory emptied at every segment. Equal-state window: no_memory with the "
+                          "largest sliding window whose key/value cache fits in the bytes the method carries "
+                          "between segments (window@<method>). Gap closed: (no_memory - method) / "
                           "(no_memory - full_context).")
+
+    def frontier_table(self, metric: str = "ppl_after_first") -> Table | None:
+        """LM: every method's state bytes and ``metric``, smallest state first (the data of the frontier figure)."""
+        rows = []
+        for fam, task in self.tasks:
+            for model in self.models if fam == "lm" else ():
+                cells = [c for m in self.methods if (c := self.cell(model, task, m)) and metric in c.metrics]
+                for c in sorted(cells, key=lambda c: (c.metrics.get("state_bytes", 0.0), c.method)):
+                    rows.append(([task] + self._row_label(model, c.method),
+                                 [Stat(c.metrics.get("state_bytes", 0.0)), self.stat(c, metric)]))
+        if not rows:
+            return None
+        labels = ["task"] + (["model"] if len(self.models) > 1 else []) + ["method"]
+        return Table("lm_frontier", f"LM: quality against state carried between segments ({metric})", labels,
+                     ["state_bytes", metric], rows,
+                     note="state_bytes: the largest memory state a method carries from one segment to the next "
+                          "over a document (full_context: the key/value cache of the whole window).")
 
     def tables(self) -> list[Table]:
         """All tables of the report, main table first."""
         out = [self.main_table()]
-        for t in (self.family_table("lm"), self.memory_gain_table(), self.position_table(), self.family_table("rag"),
+        for t in (self.family_table("lm"), self.memory_gain_table(), self.frontier_table(), self.position_table(), self.family_table("rag"),
                   self.family_table("dialogue"), self.category_table()):
             if t is not None and t.rows:
                 out.append(t)

@@ -22,6 +22,32 @@ def score_continuation(lm: LoadedModel, context: torch.Tensor, target: torch.Ten
     return token_nll(logits.unsqueeze(0), target.to(lm.device).unsqueeze(0))[0].cpu()
 
 
+HEAD_ONLY_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")  # logits = lm_head(last hidden)
+
+
+def scored_nll(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               spans: list[tuple[int, int]], chunk: int = 1024) -> list[torch.Tensor]:
+    """NLL of the tokens ``input_ids[i, a+1 : b+1]`` for each span ``(a, b)`` of row i, in one forward pass.
+
+    The output projection and the log-softmax run only on the scored positions, ``chunk`` rows at a time, so a
+    batch never materialises [B, L, V] logits (for architectures whose logits are ``lm_head(last hidden
+    state)``; others take the full-logits path). Returns one CPU tensor [b - a] per row.
+    """
+    model = lm.model
+    ids, mask = input_ids.to(lm.device), attention_mask.to(lm.device)
+    if type(model).__name__ not in HEAD_ONLY_ARCHS:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return [token_nll(logits[i: i + 1, a:b], ids[i: i + 1, a + 1: b + 1])[0].cpu()
+                for i, (a, b) in enumerate(spans)]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, L, H]
+    rows = torch.cat([hidden[i, a:b] for i, (a, b) in enumerate(spans)])  # [N, H]
+    targets = torch.cat([ids[i, a + 1: b + 1] for i, (a, b) in enumerate(spans)])  # [N]
+    head = model.get_output_embeddings()
+    nll = torch.cat([F.cross_entropy(head(rows[k: k + chunk]).float(), targets[k: k + chunk], reduction="none")
+                     for k in range(0, rows.shape[0], chunk)]) if rows.shape[0] else torch.empty(0)
+    return list(nll.cpu().split([b - a for a, b in spans]))
+
+
 def kv_bytes(lm: LoadedModel, n_tokens: int) -> int:
     """Bytes of the keys and values a model caches for ``n_tokens`` tokens."""
     cfg = lm.model.config

@@ -13,6 +13,7 @@ finished examples), then writes the report (tables in ``<output>/report``, figur
     reference: no_memory         # paired tests in the report compare against it
     include_paths: []            # extra task folders, relative to this file
     imports: []                  # modules to import first (they may register your own methods)
+    method_path: [my_methods/]   # plugin .py files or folders of them, relative to this file (r3mem_bench.plugins)
     resources: {num_cpus: 1, num_gpus: 0}   # per cell, for --executor ray
     tasks:
       - wikitext2                                  # a task or family name
@@ -46,7 +47,7 @@ import yaml
 from r3mem_bench.errors import CheckFailed, UserError
 
 SUITE_KEYS = {"suite", "description", "model", "models", "seeds", "seed", "limit", "threads", "backend", "reference",
-              "include_paths", "imports", "resources", "tasks", "methods", "regress", "report"}
+              "include_paths", "imports", "method_path", "resources", "tasks", "methods", "regress", "report"}
 TASK_KEYS = {"task", "params", "limit", "data"}
 METHOD_KEYS = {"method", "args", "checkpoint"}
 SUITE_FILE = "suite.yaml"
@@ -81,6 +82,7 @@ class Suite:
     reference: Optional[str] = None
     include_paths: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
+    method_path: list[str] = field(default_factory=list)
     resources: dict = field(default_factory=dict)
     regress: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
@@ -137,6 +139,11 @@ def parse_suite(raw: Any, source: str) -> Suite:
         raise _err(where, f"'limit' must be a positive integer, got {limit!r}", "write limit: 10 or drop it")
     base = Path(source).parent
     include = [str((base / p).resolve()) for p in raw.get("include_paths") or []]
+    method_path = raw.get("method_path") or []
+    method_path = [method_path] if isinstance(method_path, str) else method_path
+    if not isinstance(method_path, list) or not all(isinstance(p, str) for p in method_path):
+        raise _err(where, f"'method_path' must be a path or a list of paths, got {raw.get('method_path')!r}",
+                   "write method_path: my_methods/ (relative to the suite file)")
     tasks = _records(raw.get("tasks"), "task", TASK_KEYS, where)
     for t in tasks:
         if t.get("data"):
@@ -146,7 +153,9 @@ def parse_suite(raw: Any, source: str) -> Suite:
                  tasks=tasks,
                  methods=_records(raw.get("methods"), "method", METHOD_KEYS, where), limit=limit,
                  threads=raw.get("threads"), backend=str(raw.get("backend", "hf")), reference=raw.get("reference"),
-                 include_paths=include, imports=list(raw.get("imports") or []), resources=dict(raw.get("resources") or {}),
+                 include_paths=include, imports=list(raw.get("imports") or []),
+                 method_path=[str((base / p).resolve()) for p in method_path],
+                 resources=dict(raw.get("resources") or {}),
                  regress=dict(raw.get("regress") or {}), report=dict(raw.get("report") or {}))
 
 
@@ -179,6 +188,10 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
     from r3mem_bench.task import TaskRegistry
 
     _import(suite.imports)
+    if suite.method_path:
+        from r3mem_bench.plugins import load_method_paths
+
+        load_method_paths(suite.method_path, origin=f"suite {suite.source}: method_path")
     registry = TaskRegistry(suite.include_paths)
     out_root = Path(output).resolve()
     families = {}
@@ -211,6 +224,8 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
                             "resources": dict(suite.resources), "family": families[t["task"]],
                             "output": str(out_root / "runs" / _safe(model) / f"seed-{seed}"),
                             "suite_output": str(out_root)}
+                    if suite.method_path:  # Ray workers load them through R3MEM_BENCH_METHOD_PATH
+                        cell["method_path"] = list(suite.method_path)
                     ident = {k: v for k, v in cell.items()  # location-independent
                              if k not in ("resources", "suite_output", "output")}
                     if applies is not None and not cell["checkpoint"]:  # retrained shipped weights -> a new cell
@@ -345,10 +360,13 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write figures to OUTPUT/plots."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and exit."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-cell progress bars."),
+        method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
     ) -> None:
         """Run every task x method x seed cell of a suite (resumable), then write its report."""
+        from r3mem_bench.plugins import load_method_paths
         from r3mem_bench.report import missing_markdown, table_markdown
 
+        load_method_paths(method_path)
         suite = load_suite(name)
         out = output or f"runs/suite-{suite.name}"
         if dry_run:

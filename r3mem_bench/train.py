@@ -48,6 +48,7 @@ What the trainer does
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -70,7 +71,8 @@ CORPORA = {
                   "decontaminated against WikiText-2 test and SQuAD dev (r3mem_bench/data/wiki_train.jsonl.gz)",
 }
 DEFAULT_MIX = "wiki_train*2+pydoc_train+shakespeare"  # the data of the shipped checkpoints
-RESUME_FREE = ("output", "threads", "steps", "checkpoint_every")  # may change between a kill and a rerun
+RESUME_FREE = ("output", "threads", "steps", "checkpoint_every")
+PRECISIONS = ("fp32", "bf16")  # may change between a kill and a rerun
 EVAL_SPLITS = {"wikitext2", "wikitext2_test", "pydoc_heldout", "heldout", "pydoc"}
 
 
@@ -87,6 +89,8 @@ class TrainConfig:
     segment_len: int = 128
     segments: int = 3
     grad_accum: int = 1
+    micro_batch: int = 1
+    precision: str = "fp32"
     lr: float = 1e-3
     warmup: int = 20
     checkpoint_every: int = 25
@@ -178,6 +182,16 @@ class TrainingData:
         window = torch.tensor(doc[start: start + self.window], dtype=torch.long)
         return list(window.split(self.segment_len))
 
+    def batch(self, seed: int, step: int, micro: int, size: int) -> list[torch.Tensor]:
+        """``size`` samples for one forward pass: LongTensor [S] segments when ``size`` is 1, else [size, S].
+
+        Sample j of micro-batch ``micro`` is draw ``micro * size + j`` of the step, so ``size=1`` draws exactly
+        what ``sample`` draws."""
+        if size == 1:
+            return self.sample(seed, step, micro)
+        draws = [self.sample(seed, step, micro * size + j) for j in range(size)]
+        return [torch.stack(parts) for parts in zip(*draws)]
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Schedule factor at 0-based ``step``: linear warmup, then cosine decay to 0.1."""
@@ -262,11 +276,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     from r3mem_bench.methods import get_method_class
     from r3mem_bench.models import load_model
 
-    if cfg.steps <= 0 or cfg.grad_accum <= 0 or cfg.segments <= 0 or cfg.segment_len <= 0:
-        raise UserError("--steps, --grad-accum, --segments and --segment-len must be positive")
+    if min(cfg.steps, cfg.grad_accum, cfg.micro_batch, cfg.segments, cfg.segment_len) <= 0:
+        raise UserError("--steps, --grad-accum, --micro-batch, --segments and --segment-len must be positive")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision {cfg.precision}: unknown; fix: use one of {', '.join(PRECISIONS)}")
     cls = get_method_class(cfg.method)
     if not getattr(cls, "trainable", False):
         raise UserError(f"method '{cfg.method}' has nothing to train; fix: train r3mem or rmt (trainable methods)")
+    if cfg.micro_batch > 1 and not getattr(cls, "batched_training", False):
+        raise UserError(f"--micro-batch {cfg.micro_batch}: method '{cfg.method}' trains one sample per pass; fix: "
+                        "use --micro-batch 1 with --grad-accum for a larger batch")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     done_file = root / "train_done.json"
@@ -314,6 +333,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
         raise UserError(f"{root}: resume state is at step {state['step']} >= --steps {cfg.steps}; fix: raise --steps")
     if hasattr(method, "train"):
         method.train(True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+    state.setdefault("cpu_seconds", 0.0)
     step = state["step"]
     log_path = root / "train_log.jsonl"
     if log_path.exists():  # drop steps logged after the last checkpoint by a killed run: they are redone
@@ -326,27 +347,30 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     with Progress(*columns, disable=quiet) as bar:
         job = bar.add_task("", total=cfg.steps, completed=step, name=cfg.method, losses="")
         while step < end:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             factor = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                segments = data.sample(cfg.seed, step, micro)
+                segments = data.batch(cfg.seed, step, micro, cfg.micro_batch)
                 torch.manual_seed((cfg.seed * 1_000_003 + step * 101 + micro) % (2**31 - 1))
                 method.train_step = step  # 0-based step, for step-dependent schedules (RMT's curriculum)
-                losses = method.training_losses(segments)
+                with autocast:
+                    losses = method.training_losses(segments)
                 (losses["loss"] / cfg.grad_accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             opt.step()
             step += 1
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             state["seconds"] += elapsed
+            state["cpu_seconds"] += cpu
             record = {"step": step, "lr_factor": round(factor, 5), "grad_norm": round(float(grad_norm), 4),
-                      "seconds": round(elapsed, 3), **{k: round(v, 5) for k, v in sums.items()}}
+                      "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
+                      **{k: round(v, 5) for k, v in sums.items()}}
             state["history"].append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -358,6 +382,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     if step < cfg.steps:
         return root
     meta = {"training": {**asdict(cfg), "data": data.description, "step": step, "seconds": round(state["seconds"], 1),
+                         "cpu_seconds": round(state["cpu_seconds"], 1), "torch_threads": torch.get_num_threads(),
+                         "samples": step * cfg.grad_accum * cfg.micro_batch,
+                         "tokens_sampled": step * cfg.grad_accum * cfg.micro_batch * cfg.segments * cfg.segment_len,
                          "steps_changes": state.get("steps_changes", []),
                          "loss_curve": _summarise(state["history"]),
                          **({"init_training": init_meta} if init_meta else {})}}
@@ -409,7 +436,10 @@ def register(app: typer.Typer) -> None:
         output: str = typer.Option(..., "--output", "-o", help="Checkpoint directory (resumable)."),
         segment_len: int = typer.Option(128, "--segment-len"),
         segments: int = typer.Option(3, "--segments", help="Consecutive segments per training sample."),
-        grad_accum: int = typer.Option(1, "--grad-accum"),
+        grad_accum: int = typer.Option(1, "--grad-accum", help="Forward/backward passes per optimizer step."),
+        micro_batch: int = typer.Option(1, "--micro-batch",
+                                        help="Samples stacked into one forward pass (effective batch: micro-batch x grad-accum)."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; weights stay fp32)."),
         lr: float = typer.Option(1e-3, "--lr", help="Base learning rate (methods may scale it per group)."),
         warmup: int = typer.Option(20, "--warmup"),
         checkpoint_every: int = typer.Option(25, "--checkpoint-every"),
@@ -420,12 +450,17 @@ def register(app: typer.Typer) -> None:
         init_from: Optional[str] = typer.Option(None, "--init-from",
                                                 help="Start from a finished checkpoint's weights (staged training)."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
+        method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
     ) -> None:
         """Train a memory method's adapters/memory parameters; resumable, deterministic per seed."""
         from r3mem_bench.cli import _parse_options
+        from r3mem_bench.plugins import load_method_paths
+
+        load_method_paths(method_path)
 
         cfg = TrainConfig(method=method, model=model, data_mix=task or data_mix, data=data, steps=steps,
-                          output=output, segment_len=segment_len, segments=segments, grad_accum=grad_accum, lr=lr,
+                          output=output, segment_len=segment_len, segments=segments, grad_accum=grad_accum,
+                          micro_batch=micro_batch, precision=precision, lr=lr,
                           warmup=min(warmup, steps), checkpoint_every=checkpoint_every, seed=seed, threads=threads,
                           method_options=_parse_options(method_arg), init_from=init_from)
         root = train(cfg, quiet=quiet, keep_resume=keep_resume)

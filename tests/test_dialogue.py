@@ -145,6 +145,7 @@ class _ValueRecall(MemoryMethod):
 
     families = ("dialogue",)
     pick_latest = True
+    retrieves = True  # it answers with the id of the turn it read: retrieval recall applies
 
     def reset(self) -> None:
         self.items = []
@@ -204,6 +205,60 @@ def test_knowledge_update_on_generated_conversations(tiny_lm):
     stale = _run(task, _Stale(tiny_lm), ku)
     assert latest["f1/knowledge-update"] == 1.0
     assert stale["f1/knowledge-update"] == 0.0
+
+
+# ---- question times and order, recall only for retrieving methods ----------------------------------------------
+def test_question_times_and_asking_order():
+    from r3mem_bench.families.dialogue import load_locomo, load_persona
+    from r3mem_bench.families.qa import asking_order
+
+    task, qs = _examples("persona")
+    conv = qs[0]["corpus_id"]
+    last = max(it.timestamp for it in task.data["corpora"][conv])
+    own = [q for q in qs if q["corpus_id"] == conv]
+    assert [q["now"] - last for q in own] == [86400.0 * (1 + i) for i in range(7)]  # one a day, generated order
+    assert task.data["questions"] == qs and [q["id"] for q in own] == [f"{conv}/q{i:02d}" for i in range(7)]
+    cfg = {"loader": "persona", "conversations": 1, "question_interval_days": 0.5}
+    half = [q["now"] - last for q in load_persona(cfg, None, {})[0]]
+    assert half == [86400.0 * (1 + 0.5 * i) for i in range(7)]
+    _, lq = _examples("locomo", DLG / "locomo_mini.json")
+    assert len({q["now"] for q in lq if q["corpus_id"] == "conv-mini-1"}) == 1  # LoCoMo: one shared time
+    spaced, _ = load_locomo({"loader": "locomo", "question_interval_days": 2}, str(DLG / "locomo_mini.json"), {})
+    assert spaced[1]["now"] - spaced[0]["now"] == 2 * 86400.0
+    with pytest.raises(UserError, match="question_interval_days"):
+        load_persona({"loader": "persona", "conversations": 1, "question_interval_days": -1}, None, {})
+    mixed = [{"id": "a", "corpus_id": "x", "now": 3.0}, {"id": "b", "corpus_id": "y", "now": 9.0},
+             {"id": "c", "corpus_id": "x", "now": 1.0}, {"id": "d", "corpus_id": "x", "now": None}]
+    assert [q["id"] for q in asking_order(mixed)] == ["d", "b", "c", "a"]  # each corpus sorted in its own slots
+
+
+class _StateOnly(MemoryMethod):
+    """Answers from an internal state and names no items (like RMT): no ``retrieve``."""
+
+    name = "test_state_only"
+    families = ("dialogue",)
+
+    def ingest(self, items) -> None:
+        pass
+
+    def answer(self, question: str, now=None) -> Answer:
+        return Answer(text="Lima")
+
+
+def test_recall_absent_for_methods_that_do_not_retrieve(tiny_lm):
+    from r3mem_bench.families.qa import reports_recall
+    from r3mem_bench.methods import get_method_class
+
+    task, qs = _examples("persona")
+    ku = [q for q in qs if q["category"] == "knowledge-update"][:4]
+    rows = []
+    get_family("dialogue").evaluate(task, _StateOnly(tiny_lm), ku, rows.append)
+    assert rows and all("recall" not in r["metrics"] for r in rows)
+    assert "recall" not in get_family("dialogue").aggregate(rows, task.params)  # absent, not 0
+    assert "recall" in _run(task, _Latest(tiny_lm), ku)
+    classes = {n: get_method_class(n) for n in ("rmt", "no_memory", "vector_rag", "memorybank", "full_context")}
+    assert {n: reports_recall(object.__new__(c)) for n, c in classes.items()} == {
+        "rmt": False, "no_memory": False, "vector_rag": True, "memorybank": True, "full_context": True}
 
 
 # ---- judge ---------------------------------------------------------------------------------------------------

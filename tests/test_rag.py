@@ -157,6 +157,7 @@ class _Scripted(MemoryMethod):
     """Answers from a fixed table and 'retrieves' the first passage; stores a fixed number of bytes."""
 
     name = "scripted"
+    retrieves = True
 
     def __init__(self, lm, replies):
         super().__init__(lm)

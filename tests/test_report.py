@@ -146,9 +146,10 @@ def test_memory_gain_table_and_reconstruction_table(finished, tmp_path):
     gain = rep.memory_gain_table()
     rows = {labels[-1]: vals for labels, vals in gain.rows}
     assert set(rows) == {"no_memory", "full_context"}
-    ppl, vs_none, vs_reset, gap = rows["full_context"]
-    assert vs_none.lo <= vs_none.value <= vs_none.hi and vs_reset is None and gap.value == pytest.approx(100.0)
-    assert rows["no_memory"][1] is None and rows["no_memory"][3].value == 0.0
+    ppl, vs_none, vs_reset, vs_window, gap = rows["full_context"]
+    assert vs_none.lo <= vs_none.value <= vs_none.hi and vs_reset is None and vs_window is None
+    assert gap.value == pytest.approx(100.0)
+    assert rows["no_memory"][1] is None and rows["no_memory"][4].value == 0.0
     assert "[" in table_markdown(gain) and r"$\Delta$" in table_latex(gain)
     assert reconstruction_table(tmp_path / "absent") is None
     (tmp_path / "reconstruct_M8.json").write_text(json.dumps(

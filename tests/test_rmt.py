@@ -126,7 +126,7 @@ def test_qa_protocol_reads_the_corpus_into_memory(tiny_lm):
     n_seg = -(-corpus_tokens // 32)
     assert rows[0]["ingest_tokens"] == n_seg * (1 + 8) + corpus_tokens
     assert all(r["retrieved_ids"] == [] and r["prompt_tokens"] > 4 for r in rows)
-    assert "recall" in rows[0]["metrics"] and rows[0]["metrics"]["recall"] == 0.0
+    assert "recall" not in rows[0]["metrics"]  # RMT retrieves no item ids, so it claims no retrieval recall
 
 
 def test_training_starts_from_scratch_even_when_a_shipped_checkpoint_exists(tiny_lm, tmp_path, monkeypatch):

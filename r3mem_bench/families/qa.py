@@ -3,12 +3,36 @@
 Examples are questions: ``{"id", "question", "answers": [str], "corpus_id", "category" (optional),
 "gold_ids": [item ids] (optional evidence), "answerable": bool, "now": float | None}``. The family's loader also
 returns the corpora, ``{corpus_id: [MemoryItem, ...]}`` in time order, kept in ``task.data["corpora"]``.
-For each corpus the method is reset and ingests it once, then answers that corpus's questions in file order.
+For each corpus the method is reset and ingests it once, then answers that corpus's questions in time order
+(``asking_order``: by ``now``, file order among equal times; undated questions first), so a method whose recall
+changes its memory (MemoryBank's strength update) carries each question's update into the next. A resumed run
+gets only the unanswered questions; before each one, a method with a ``replay(question, now)`` hook replays the
+corpus's earlier questions that were answered in a previous run (``task.data["questions"]`` keeps every question
+in asking order), so its numbers equal an uninterrupted run's.
 Every row carries the prediction, per-question metrics and costs; ``aggregate`` averages them, per category too.
+Retrieval ``recall`` is reported only for methods that retrieve item ids (``reports_recall``).
+
+Per-question metrics, under the task params ``generate`` (default true), ``likelihood`` (default true) and
+``normalization`` (``official``, default, or ``extended``; see :mod:`r3mem_bench.metrics`):
+
+* with generation: ``em``, ``f1``, ``contains`` of the generated answer, max over the gold answers (SQuAD
+  v1.1); an unanswerable question scores 1 on all three (and ``abstention``) when the answer abstains;
+* with likelihood (``MemoryMethod.answer_nll``, one prompt forward pass per question): ``answer_nll``, the mean
+  per-token NLL (nats) of the *first* gold answer after the method's prompt (lower is better; the first gold
+  rather than the min over golds, so the number does not improve with the count of aliases), and, for questions
+  whose data carry ``candidates`` (gold plus same-kind distractors, fixed by the data generator and copied into
+  the row with their NLLs as ``candidate_nll``), ``choice_acc``: 1 when the first gold answer's mean per-token
+  NLL is strictly below every other candidate's, else 0 (ties count as wrong). Unanswerable questions have
+  neither; nor does a method without a likelihood path (one that overrides ``answer`` only);
+* ``recall`` of the gold evidence ids among the ids the method put in its prompt.
+
+``generate: false`` skips generation (prediction ``""``, no EM/F1): the row's prompt tokens, retrieved ids and
+``answer_s`` then come from the likelihood pass, and ``tokens_processed`` counts the prompt it read.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from typing import Callable, Iterable
@@ -17,10 +41,35 @@ import numpy as np
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.families import Family
-from r3mem_bench.metrics import best_over, contains, exact_match, is_abstention, retrieval_recall, token_f1
+from r3mem_bench.method import Answer, MemoryMethod
+from r3mem_bench.metrics import NORMALIZATIONS, best_over, is_abstention, retrieval_recall, squad_scorers
 
 QA_PARAMS = {"max_new_tokens": 32, "prompt_template": "", "closed_book_template": "", "system_prompt": "",
-             "top_k": 5, "memory_budget": 0, "max_questions": 0, "seed": 0}
+             "top_k": 5, "memory_budget": 0, "max_questions": 0, "seed": 0, "generate": True, "likelihood": True,
+             "normalization": "official"}
+
+
+def asking_order(questions: list[dict]) -> list[dict]:
+    """Each corpus's questions sorted by ``now`` (stable; undated first), in the list positions they held."""
+    slots: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        slots.setdefault(q["corpus_id"], []).append(i)
+    out = list(questions)
+    for idx in slots.values():
+        ordered = sorted((questions[i] for i in idx),
+                         key=lambda q: -math.inf if q.get("now") is None else float(q["now"]))
+        for i, q in zip(idx, ordered):
+            out[i] = q
+    return out
+
+
+def reports_recall(method) -> bool:
+    """Whether retrieval recall applies to ``method``: its ``retrieves`` flag when it sets one, else whether it
+    implements ``retrieve`` (a method that answers from an internal state, such as RMT, names no item ids)."""
+    flag = getattr(method, "retrieves", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(type(method), "retrieve", MemoryMethod.retrieve) is not MemoryMethod.retrieve
 
 
 class QAFamily(Family):
@@ -38,8 +87,10 @@ class QAFamily(Family):
         return loader(cfg, data, task.params)
 
     def examples(self, task, data: str | None = None, tokenizer=None) -> list[dict]:
-        """Questions in file order; corpora go to ``task.data``."""
+        """Questions in asking order (``asking_order``), also kept as ``task.data["questions"]``; corpora go to
+        ``task.data``."""
         questions, corpora = self.load(task, data)
+        questions = asking_order(questions)
         missing = {q["corpus_id"] for q in questions} - set(corpora)
         if missing:
             raise UserError(f"task '{task.name}': questions refer to unknown corpus '{sorted(missing)[0]}'")
@@ -50,18 +101,42 @@ class QAFamily(Family):
         ids = [q["id"] for q in questions]
         if len(set(ids)) != len(ids):
             raise UserError(f"task '{task.name}': duplicate question ids; fix: make ids unique")
+        self._check_scoring_params(task)
+        for q in questions:
+            cands = q.get("candidates")
+            if cands is not None and not (isinstance(cands, list) and len(set(cands)) == len(cands) >= 2
+                                          and all(isinstance(c, str) and c for c in cands)
+                                          and (q.get("answers") or [None])[0] in cands):
+                raise UserError(f"task '{task.name}': question '{q['id']}' field 'candidates' must list at least 2 "
+                                "distinct non-empty strings including its first answer; fix the data")
         task.data["corpora"] = corpora
+        task.data["questions"] = questions
         if tokenizer is not None:
             task.data["corpus_tokens"] = {
                 cid: sum(len(tokenizer(it.text, add_special_tokens=False)["input_ids"]) for it in items)
                 for cid, items in corpora.items()}
         return questions
 
-    def score(self, example: dict, answer) -> dict:
-        """Per-question metrics (a family may extend it)."""
+    @staticmethod
+    def _check_scoring_params(task) -> None:
+        """``normalization`` is known, something is scored, and a judge has generated answers to judge."""
+        p = task.params
+        if p.get("normalization", "official") not in NORMALIZATIONS:
+            raise UserError(f"task '{task.name}': parameter 'normalization' = {p['normalization']!r} is unknown; "
+                            f"fix: use one of {list(NORMALIZATIONS)}")
+        if not p.get("generate", True) and not p.get("likelihood", True):
+            raise UserError(f"task '{task.name}': parameters 'generate' and 'likelihood' are both false, so nothing "
+                            "is scored; fix: set one of them to true")
+        if p.get("judge") and not p.get("generate", True):
+            raise UserError(f"task '{task.name}': parameter 'judge' needs generated answers but 'generate' is false; "
+                            "fix: set generate: true or leave judge empty")
+
+    def score(self, example: dict, answer, normalization: str = "official") -> dict:
+        """Per-question metrics of a generated answer (a family may extend it)."""
+        em, f1, has = squad_scorers(normalization)
         golds = example.get("answers") or []
-        out = {"em": best_over(exact_match, answer.text, golds), "f1": best_over(token_f1, answer.text, golds),
-               "contains": best_over(contains, answer.text, golds)}
+        out = {"em": best_over(em, answer.text, golds), "f1": best_over(f1, answer.text, golds),
+               "contains": best_over(has, answer.text, golds)}
         if example.get("answerable", True) is False:
             abstained = float(is_abstention(answer.text))
             out = {"em": abstained, "f1": abstained, "contains": abstained, "abstention": abstained}
@@ -70,20 +145,49 @@ class QAFamily(Family):
             out["recall"] = rec
         return out
 
-    def _score(self, example: dict, answer, method) -> dict:
-        """``score``, without retrieval recall for methods that do not retrieve (closed book)."""
-        metrics = self.score(example, answer)
-        if not getattr(method, "retrieves", True):
+    def _score(self, example: dict, answer, method, params: dict | None = None, generated: bool = True) -> dict:
+        """``score`` (only retrieval recall when nothing was generated), without retrieval recall for methods that
+        do not retrieve (``reports_recall``)."""
+        if generated:
+            metrics = self.score(example, answer, normalization=(params or {}).get("normalization") or "official")
+        else:
+            rec = retrieval_recall(answer.retrieved_ids, example.get("gold_ids") or [])
+            metrics = {} if rec is None else {"recall": rec}
+        if not reports_recall(method):
             metrics.pop("recall", None)
         return metrics
 
+    @staticmethod
+    def _likelihood(example: dict, method, answer: Answer | None) -> tuple[dict, dict, object]:
+        """(metrics, extra row fields, AnswerNLL or None) of the answer-likelihood pass for one question."""
+        golds = example.get("answers") or []
+        scorable = bool(golds) and example.get("answerable", True) is not False
+        cands = list(example.get("candidates") or []) if scorable else []
+        texts = ([golds[0]] + [c for c in cands if c != golds[0]]) if scorable else []
+        lik = method.answer_nll(example["question"], texts, now=example.get("now"), given=answer)
+        if lik is None or not texts or lik.nll[0] != lik.nll[0]:  # no likelihood path, nothing to score, nan
+            return {}, {}, lik
+        metrics = {"answer_nll": lik.nll[0]}
+        extra = {"answer_nll_tokens": lik.tokens[0]}
+        if cands:
+            by_text = dict(zip(texts, lik.nll))
+            metrics["choice_acc"] = float(all(lik.nll[0] < v for v in lik.nll[1:]))
+            extra.update(candidates=cands, candidate_nll=[by_text[c] for c in cands])
+        return metrics, extra, lik
+
     def evaluate(self, task, method, examples: list[dict], emit: Callable[[dict], None], progress=None) -> None:
-        """Per corpus: reset, ingest once, answer its questions; one row per question."""
+        """Per corpus: reset, ingest once, answer its questions; one row per question (replays: module docstring)."""
         groups: OrderedDict[str, list[dict]] = OrderedDict()
-        for ex in examples:
+        for ex in asking_order(examples):
             groups.setdefault(ex["corpus_id"], []).append(ex)
         corpora = task.data["corpora"]
+        replay = getattr(method, "replay", None)
+        todo = {ex["id"] for ex in examples}
+        generate, likelihood = task.params.get("generate", True), task.params.get("likelihood", True)
         for cid, questions in groups.items():
+            asked = [q for q in task.data.get("questions", ()) if q["corpus_id"] == cid] if replay else []
+            position = {q["id"]: i for i, q in enumerate(asked)}
+            replayed = 0  # asked[:replayed] are behind us
             method.begin(cid)
             method.reset()
             before = method.tokens_processed
@@ -94,23 +198,42 @@ class QAFamily(Family):
             state = method.state_bytes()
             corpus_tokens = task.data.get("corpus_tokens", {}).get(cid, 0)
             for ex in questions:
+                if ex["id"] in position:
+                    for q in asked[replayed: position[ex["id"]]]:  # answered by an earlier run: redo its recall
+                        if q["id"] not in todo:
+                            method.begin(q["id"])
+                            replay(q["question"], now=q.get("now"))
+                    replayed = max(replayed, position[ex["id"]] + 1)
                 method.begin(ex["id"])
                 before = method.tokens_processed
                 t1 = time.perf_counter()
-                ans = method.answer(ex["question"], now=ex.get("now"))
+                ans = method.answer(ex["question"], now=ex.get("now")) if generate else None
+                answer_s = time.perf_counter() - t1
+                lik_metrics, lik_extra, lik = {}, {}, None
+                if likelihood:
+                    t2 = time.perf_counter()
+                    lik_metrics, lik_extra, lik = self._likelihood(ex, method, ans)
+                    lik_extra["likelihood_s"] = time.perf_counter() - t2
+                if ans is None:
+                    if lik is None:
+                        raise UserError(f"method '{method.name}' has no answer-likelihood path (it answers through "
+                                        "its own `answer`); fix: set the task parameter generate: true")
+                    ans = Answer("", lik.retrieved_ids, lik.prompt_tokens, lik.context)
+                    answer_s = lik_extra["likelihood_s"]
                 emit({
                     "id": ex["id"], "corpus_id": cid, "category": ex.get("category"), "question": ex["question"],
                     "answers": ex.get("answers") or [], "prediction": ans.text, "retrieved_ids": ans.retrieved_ids,
                     "prompt_tokens": ans.prompt_tokens, "tokens_processed": method.tokens_processed - before,
-                    "answer_s": time.perf_counter() - t1, "ingest_s": ingest_s, "ingest_tokens": ingest_tokens,
-                    "state_bytes": state, "corpus_tokens": corpus_tokens,
-                    "metrics": self._score(ex, ans, method),
+                    "answer_s": answer_s, "ingest_s": ingest_s, "ingest_tokens": ingest_tokens,
+                    "state_bytes": state, "corpus_tokens": corpus_tokens, **lik_extra,
+                    "metrics": {**self._score(ex, ans, method, task.params, generate), **lik_metrics},
                 })
                 if progress:
                     progress(ans.prompt_tokens)
 
     def aggregate(self, rows: Iterable[dict], params: dict) -> dict[str, float]:
-        """Means over questions, per category as ``<metric>/<category>``, and cost columns."""
+        """Means over the questions that have each metric, per category as ``<metric>/<category>`` (EM, F1,
+        answer NLL, choice accuracy), and cost columns."""
         rows = list(rows)
         out: dict[str, float] = {}
         names = sorted({k for r in rows for k in r["metrics"]})
@@ -121,8 +244,10 @@ class QAFamily(Family):
         cats = sorted({r["category"] for r in rows if r.get("category")})
         for cat in cats:
             sub = [r for r in rows if r.get("category") == cat]
-            for name in ("em", "f1"):
-                out[f"{name}/{cat}"] = float(np.mean([r["metrics"][name] for r in sub]))
+            for name in ("em", "f1", "answer_nll", "choice_acc"):
+                vals = [r["metrics"][name] for r in sub if r["metrics"].get(name) is not None]
+                if vals:
+                    out[f"{name}/{cat}"] = float(np.mean(vals))
         corpora = {}
         for r in rows:
             corpora[r["corpus_id"]] = r

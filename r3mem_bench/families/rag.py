@@ -3,10 +3,14 @@
 The protocol, metrics and costs are the QA family's (``r3mem_bench.families.qa``): per corpus the method is reset
 and ingests the passages once (vector RAG indexes chunks, MemoryBank stores items, R3Mem compresses passages,
 full_context packs passages up to the model's window, no_memory keeps nothing and answers closed-book), then
-answers each question with the task's shared prompt and greedy generator. Metrics: EM and token F1 (SQuAD
-normalisation), answer containment, retrieval recall of the gold passages (``gold_ids``) over the ids a method
-put in its prompt, prompt tokens per question, storage bytes per 1K corpus tokens, ingest and answer seconds;
-EM, F1 and containment are also reported per question category (``em/<category>``).
+answers each question with the task's shared prompt and greedy generator. Metrics: EM and token F1 (the
+official SQuAD v1.1 normalisation by default, ``normalization: extended`` for the NFKC / Unicode-punctuation
+variant), answer containment, the gold answer's likelihood after the method's prompt (``answer_nll``) and, for
+the needle task, whose questions carry candidate codes, ``choice_acc`` (see ``r3mem_bench.families.qa``;
+``generate: false`` scores likelihood only), retrieval recall of the gold passages (``gold_ids``) over the ids a
+method put in its prompt, prompt tokens per question, storage bytes per 1K corpus tokens, ingest and answer
+seconds; EM, F1, containment, answer NLL and choice accuracy are also reported per question category
+(``em/<category>``).
 
 Loaders (``dataset.loader``), each reading a local file (``--data FILE``, or ``dataset.path``) in the upstream
 schema, or, where ``dataset.hub`` is set and no file is given, the hub copy through ``datasets.load_dataset``:
@@ -401,9 +405,11 @@ class RAGFamily(QAFamily):
     loaders = LOADERS
 
     def aggregate(self, rows: Iterable[dict], params: dict) -> dict[str, float]:
-        """The QA aggregates plus answer containment per category."""
+        """The QA aggregates plus answer containment per category (when answers were generated)."""
         rows = list(rows)
         out = super().aggregate(rows, params)
         for cat in sorted({r["category"] for r in rows if r.get("category")}):
-            out[f"contains/{cat}"] = float(np.mean([r["metrics"]["contains"] for r in rows if r.get("category") == cat]))
+            vals = [r["metrics"]["contains"] for r in rows if r.get("category") == cat and "contains" in r["metrics"]]
+            if vals:
+                out[f"contains/{cat}"] = float(np.mean(vals))
         return out

@@ -18,7 +18,11 @@ numbers in a fixed "special magic number" template, so a 135M chat model can ans
 its context; filler is real encyclopedic text (sentences containing WikiText's ``<unk>`` are dropped); the
 difficulty knob is corpus length in passages rather than a token budget.
 Every value is unique in its corpus and never occurs in the filler; ``gold_ids`` are the ids of the passages
-holding the asked needle(s). Output is a pure function of the arguments (``random.Random(seed)``).
+holding the asked needle(s). Each question's ``candidates`` (the QA family's ``choice_acc``) are every code
+planted in its corpus, sorted: its gold value, the other asked needles' values and the multi-key near-miss
+values (all secret codes, so the same kind of answer); a corpus with a single code gives no candidates. They are
+read off the generated corpus and draw nothing from the RNG. Output is a pure function of the arguments
+(``random.Random(seed)``).
 """
 
 from __future__ import annotations
@@ -162,9 +166,11 @@ def generate(seed: int = 0, n_corpora: int = 8, n_passages: int = 12, passage_wo
             sents.insert(rng.randint(0, len(sents)), sentence)
         corpora[cid] = [MemoryItem(id=f"{cid}/p{i:03d}", text=" ".join(p.sentences), meta={"source": filler})
                         for i, p in enumerate(passages)]
+        codes = sorted(used_values)  # every code planted in this corpus: the answer candidates of its questions
         for qi, kind, asked, value, gold in qs:
             questions.append({
                 "id": f"{cid}-q{qi}", "question": QUESTION.format(key=asked), "answers": [value], "corpus_id": cid,
                 "category": kind, "gold_ids": [f"{cid}/p{i:03d}" for i in gold], "answerable": True, "now": None,
+                **({"candidates": list(codes)} if len(codes) > 1 else {}),
             })
     return questions, corpora

@@ -20,6 +20,13 @@ carry distractor facts of the same kinds (the friend's own dog, city, cat, car),
 small talk. Answers are short (names, cities, numbers, jobs) so that a
 small chat model can answer when the right turn is in its context. Everything is drawn from
 ``random.Random(f"{seed}:{index}")``, so a conversation depends only on the seed, its index and the sizes.
+
+Answer candidates (the QA family's ``choice_acc``): every answerable question lists up to ``N_CANDIDATES``
+values of its attribute, sorted: the gold answer, the other values of that attribute stated in the conversation
+(stale cities and jobs, the friend's city, pet and cat names, the other concert or sport, the relative's city
+or job), then values of the attribute's list (``CITIES``, ``JOBS``, ``PET_NAMES``, ``FOODS``, ``BANDS``,
+``SPORTS``, 2-5 children) drawn from a separate ``random.Random(f"{seed}:{index}:candidates")``, so adding
+them changed nothing else. Adversarial questions have none.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ SMALL_TALK = [
     "It has been raining all day here.", "I am thinking about learning to cook better.", "Good to hear from you!",
     "I went for a long walk in the park.", "My phone battery keeps dying.", "That is interesting, tell me more.",
 ]
+N_CANDIDATES = 5
+KIDS = ["2", "3", "4", "5"]
+ATTRIBUTE_POOLS = {"city": CITIES, "job": JOBS, "pet": PET_NAMES, "food": FOODS, "kids": KIDS, "concert": BANDS,
+                   "sport": SPORTS}
 CATEGORIES = ("single-hop", "multi-hop", "temporal", "knowledge-update", "adversarial")
 ABSTAIN_ANSWER = "not mentioned"
 
@@ -87,6 +98,7 @@ class Question:
     answerable: bool = True
     stale: list[str] = field(default_factory=list)  # knowledge-update: older values and where they were stated
     stale_evidence: list[str] = field(default_factory=list)
+    candidates: list[str] = field(default_factory=list)  # gold + same-attribute distractors, sorted (choice_acc)
 
 
 @dataclass
@@ -148,6 +160,7 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
 
     half = turns // 2
     used: dict[tuple[str, int], int] = {}
+    stated: dict[str, list[str]] = {k: [] for k in ATTRIBUTE_POOLS}  # values said in the conversation, per attribute
 
     def pick(pool: list[str], k: int) -> list[str]:
         return rng.sample(pool, k)
@@ -180,7 +193,8 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
         for i in range(1, n_values):
             plants.append(_Plant("user", update.format(x=values[i], a=_a(values[i])), where[i], keys[i]))
         questions.append(("knowledge-update", qtext.format(u=user), values[-1], [keys[-1]],
-                          {"stale": values[:-1], "stale_keys": keys[:-1]}))
+                          {"stale": values[:-1], "stale_keys": keys[:-1], "attr": kind}))
+        stated[kind] += values
 
     # multi-hop: a relative's name, then (in a later session) where that person lives or what they do
     sister, brother = rng.choice(SISTERS), rng.choice(BROTHERS)
@@ -188,11 +202,15 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
     if rng.random() < 0.5:
         plants.append(_Plant("user", f"My sister is called {sister}.", s1, "rel"))
         plants.append(_Plant("user", f"{sister} lives in {cities[0]} now.", s2, "rel_fact"))
-        questions.append(("multi-hop", f"In which city does {user}'s sister live?", cities[0], ["rel", "rel_fact"], {}))
+        questions.append(("multi-hop", f"In which city does {user}'s sister live?", cities[0], ["rel", "rel_fact"],
+                          {"attr": "city"}))
+        stated["city"].append(cities[0])
     else:
         plants.append(_Plant("user", f"My brother is called {brother}.", s1, "rel"))
         plants.append(_Plant("user", f"{brother} works as {_a(jobs[0])}.", s2, "rel_fact"))
-        questions.append(("multi-hop", f"What is the job of {user}'s brother?", jobs[0], ["rel", "rel_fact"], {}))
+        questions.append(("multi-hop", f"What is the job of {user}'s brother?", jobs[0], ["rel", "rel_fact"],
+                          {"attr": "job"}))
+        stated["job"].append(jobs[0])
 
     # temporal: two events of a kind in different sessions (so different months); ask about one by its month
     for kind, pool, template, qtemplate in rng.sample([
@@ -205,7 +223,9 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
             sa, sb = sb, sa
         plants.append(_Plant("user", template.format(x=a), sa, f"{kind}_a"))
         plants.append(_Plant("user", template.format(x=b), sb, f"{kind}_b"))
-        questions.append(("temporal", qtemplate.format(u=user, m=_month(dates[sa])), a, [f"{kind}_a"], {}))
+        questions.append(("temporal", qtemplate.format(u=user, m=_month(dates[sa])), a, [f"{kind}_a"],
+                          {"attr": kind}))
+        stated[kind] += [a, b]
 
     # single-hop: two of pet name, favourite food, number of children
     pet, friend_pet, cat = pick(PET_NAMES, 3)
@@ -215,12 +235,15 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
               ("kids", f"I have {kids} children.", f"How many children does {user} have?", kids)]
     for key, text, qtext, answer in rng.sample(single, 2):
         plants.append(_Plant("user", text, place("user")[0], key))
-        questions.append(("single-hop", qtext, answer, [key], {}))
+        questions.append(("single-hop", qtext, answer, [key], {"attr": key}))
+        stated[key].append(answer)
+    stated["pet"] += [friend_pet, cat]
 
     # distractors said by the friend about themselves, and adversarial questions about what the user never said
     car = rng.choice(["Toyota", "Volvo", "Honda", "Tesla", "Fiat", "Mazda"])
     plants.append(_Plant("friend", f"My dog is called {friend_pet}, he is so playful.", place("friend")[0]))
     plants.append(_Plant("friend", f"I live in {cities[1]}, it is lovely there.", place("friend")[0]))
+    stated["city"].append(cities[1])
     plants.append(_Plant("friend", f"My cat is called {cat}.", place("friend")[0]))
     plants.append(_Plant("friend", f"I drive a {car}.", place("friend")[0]))
     questions.append(rng.choice([("adversarial", f"What is the name of {user}'s cat?", ABSTAIN_ANSWER, [], {}),
@@ -258,11 +281,13 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
         convo_sessions.append(session)
 
     out_q = []
+    crng = random.Random(f"{seed}:{index}:candidates")  # its own stream: the conversation is unchanged
     for category, text, answer, keys, extra in questions:
         out_q.append(Question(
             question=text, answer=answer, category=category, evidence=[where_key[k] for k in keys],
             answerable=category != "adversarial", stale=list(extra.get("stale", [])),
-            stale_evidence=[where_key[k] for k in extra.get("stale_keys", [])]))
+            stale_evidence=[where_key[k] for k in extra.get("stale_keys", [])],
+            candidates=_candidates(answer, extra["attr"], stated, crng) if "attr" in extra else []))
     # interleave categories so that the first questions of a conversation cover every category
     order = {c: i for i, c in enumerate(CATEGORIES)}
     rank: dict[str, int] = {}
@@ -273,6 +298,14 @@ def generate_conversation(seed: int, index: int, sessions: int = 4, turns: int =
     out_q = [q for _, _, q in sorted(keyed, key=lambda t: (t[0], t[1]))]
     return Conversation(id=f"persona-s{seed}-{index:03d}", user=user, friend=friend, sessions=convo_sessions,
                         questions=out_q)
+
+
+def _candidates(gold: str, attr: str, stated: dict[str, list[str]], rng: random.Random) -> list[str]:
+    """Gold + values of ``attr`` stated in the conversation + values drawn from its list: ``N_CANDIDATES``, sorted."""
+    near = sorted(set(stated[attr]) - {gold})[: N_CANDIDATES - 1]
+    rest = [v for v in ATTRIBUTE_POOLS[attr] if v != gold and v not in near]
+    fill = rng.sample(rest, min(len(rest), N_CANDIDATES - 1 - len(near)))
+    return sorted([gold, *near, *fill])
 
 
 def generate(seed: int = 0, conversations: int = 8, sessions: int = 4, turns: int = 8) -> list[Conversation]:

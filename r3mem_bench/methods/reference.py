@@ -9,7 +9,7 @@ import torch
 
 from r3mem_bench.method import MemoryItem, MemoryMethod
 from r3mem_bench.methods import register_method
-from r3mem_bench.scoring import kv_bytes, token_nll
+from r3mem_bench.scoring import kv_bytes, scored_nll
 
 
 def _batched_nll(lm, rows: list[tuple[torch.Tensor, int]], batch_size: int) -> list[torch.Tensor]:
@@ -23,12 +23,9 @@ def _batched_nll(lm, rows: list[tuple[torch.Tensor, int]], batch_size: int) -> l
         for i, (ids, _) in enumerate(chunk):
             input_ids[i, : ids.numel()] = ids
             mask[i, : ids.numel()] = 1
+        spans = [(ids.numel() - n - 1, ids.numel() - 1) for ids, n in chunk]
         with torch.no_grad():
-            logits = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device)).logits
-        for i, (ids, n) in enumerate(chunk):
-            length = ids.numel()
-            tgt = ids[length - n:].to(lm.device).unsqueeze(0)
-            out.append(token_nll(logits[i: i + 1, length - n - 1: length - 1], tgt)[0].cpu())
+            out.extend(scored_nll(lm, input_ids, mask, spans))
     return out
 
 
@@ -175,6 +172,10 @@ class NoMemory(_StreamMethod):
 
     def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
         return self.score_stream([segment_ids])[0]
+
+    def lm_state_bytes(self) -> int:
+        """The key/value cache of the ``window`` tokens carried into the next segment."""
+        return kv_bytes(self.lm, self.window)
 
     def ingest(self, items) -> None:
         """Closed book: nothing is stored."""
