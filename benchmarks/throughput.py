@@ -1,5 +1,13 @@
-"""Throughput with batching: LM scoring tokens/s (``no_memory``'s ``batch_size``) and QA questions/s
-(``HFGenerator``'s ``batch_size``) at batch sizes 1, 4 and 16, next to lm-eval's ``hf`` model on the same text.
+"""Throughput against the machine's GEMM ceiling: LM scoring tokens/s (``no_memory``'s ``batch_size``) and QA
+questions/s (``HFGenerator``'s ``batch_size``) at batch sizes 1, 4 and 16 next to lm-eval's ``hf`` model on the
+same text, QA prefill tokens/s, and training tokens/s of R3Mem and RMT in fp32 one sample per pass against bf16
+micro-batches at the same effective batch.
+
+The ceiling is measured in the same run: fp32 matrix products of the model's own shapes (a forward pass's rows x
+each linear layer's in x out, and the output head), timed at the thread count of the run; the forward pass's
+FLOPs per token (2 x in x out per linear layer and the head, plus attention over the average context) divided by
+those rates gives the tokens/s a GEMM-bound forward pass would reach. Scoring and prefill report their fraction of
+it; training reports its fraction of a third of it (forward + backward ~ 3 forward passes of GEMMs).
 
 LM: ``no_memory`` scores each segment of ``--segment-len`` tokens on its own (prefix token + segment), so the
 lm-eval contender is a ``loglikelihood_rolling`` task over the same documents with ``max_length`` = segment
@@ -50,6 +58,93 @@ def qa_prompts(lm, n: int) -> list[str]:
             for q in questions]
 
 
+def gemm_ceiling(lm, rows: int, context: int, repeats: int = 5, head: bool = True) -> dict:
+    """Tokens/s of a forward pass whose matrix products all run at the measured fp32 GEMM rate of their shape
+    (``head=False``: without the output head, as a prefill that only needs the last position's logits)."""
+    import torch
+
+    cfg = lm.model.config
+    d, ff, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    heads = cfg.num_attention_heads
+    kv = (getattr(cfg, "num_key_value_heads", None) or heads) * (d // heads)
+    shapes = {"q,o": (d, d, 2 * L), "k,v": (d, kv, 2 * L), "gate,up": (d, ff, 2 * L), "down": (ff, d, L),
+              "head": (d, V, 1 if head else 0)}
+    rates, seconds_per_token = {}, 0.0
+    for name, (k, n, count) in shapes.items():
+        a, b = torch.randn(rows, k), torch.randn(k, n)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        rate = 2 * rows * k * n * repeats / (time.perf_counter() - t0)
+        rates[name] = rate / 1e9
+        seconds_per_token += 2 * k * n * count / rate
+    attention = 4 * L * d * context  # scores and weighted values over `context` keys, per token
+    seconds_per_token += attention / (1e9 * min(rates.values()))
+    flops = sum(2 * k * n * c for k, n, c in shapes.values()) + attention
+    return {"rows": rows, "context": context, "gflops_by_shape": rates, "flops_per_token": flops,
+            "tokens_per_s_limit": 1.0 / seconds_per_token}
+
+
+def prefill_throughput(lm, prompts: list[str], batch: int) -> tuple[float, int]:
+    """(seconds, tokens) of forward passes over the chat-formatted prompts, ``batch`` at a time (no generation)."""
+    import torch
+
+    from r3mem_bench.generation import HFGenerator
+
+    gen = HFGenerator(lm, batch_size=batch)
+    ids = [gen.encode(p) for p in prompts]
+    t0, tokens = time.perf_counter(), 0
+    for start in range(0, len(ids), batch):
+        chunk = ids[start: start + batch]
+        width = max(len(x) for x in chunk)
+        x = torch.full((len(chunk), width), lm.tokenizer.pad_token_id)
+        mask = torch.zeros_like(x)
+        for i, row in enumerate(chunk):
+            x[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        with torch.no_grad():
+            lm.model.get_decoder()(input_ids=x, attention_mask=mask)
+        tokens += sum(len(r) for r in chunk)
+    return time.perf_counter() - t0, tokens
+
+
+TRAINING = [  # (label, method, segments, method options, precision, micro_batch, grad_accum)
+    ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
+    ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
+    ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
+    ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
+    ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
+    ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
+]
+
+
+def training_throughput(model: str, threads: int, steps: int) -> list[dict]:
+    """Tokens/s of training steps (the first step is a warm-up and not counted) for each row of ``TRAINING``."""
+    import json
+    import tempfile
+
+    from r3mem_bench.train import TrainConfig, train
+
+    out = []
+    for label, method, segments, opts, precision, micro, accum in TRAINING:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(method=method, model=model, steps=steps + 1, output=tmp, segment_len=128,
+                              segments=segments, grad_accum=accum, micro_batch=micro, precision=precision,
+                              warmup=1, checkpoint_every=steps + 1, threads=threads, method_options=dict(opts))
+            train(cfg, quiet=True)
+            log = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()][1:]
+        seconds = sum(r["seconds"] for r in log)
+        tokens = len(log) * micro * accum * segments * 128
+        out.append({"label": label, "method": method, "precision": precision, "micro_batch": micro,
+                    "grad_accum": accum, "segments": segments, "steps": len(log), "seconds": seconds,
+                    "text_tokens_per_s": tokens / seconds, "losses": [r["loss"] for r in log]})
+        print(f"train {label} {precision} mb{micro} x{accum}: {tokens / seconds:,.0f} text tok/s", flush=True)
+    for row in out:
+        base = next(r for r in out if r["label"] == row["label"] and r["precision"] == "fp32")
+        row["speedup_vs_fp32_mb1"] = row["text_tokens_per_s"] / base["text_tokens_per_s"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and write results/benchmarks/throughput.json (+ throughput.png)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps per configuration (0: skip)")
+    ap.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval contender")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     setup(args.threads)
@@ -70,21 +167,39 @@ def main(argv: list[str] | None = None) -> int:
     task = lm_task(args.tokens, segment_len=args.segment_len, min_tokens=args.tokens)
     docs = lm_docs(task, lm.tokenizer, args.documents)
     lm_throughput(lm, task, docs[:1], 4)  # warm-up
+    ceilings = {b: gemm_ceiling(lm, b * (args.segment_len + 1), args.segment_len // 2) for b in BATCHES}
     lm_rows = []
     for batch in BATCHES:
         seconds, tokens = lm_throughput(lm, task, docs, batch)
-        import copy
+        row = {"batch_size": batch, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+               "gemm_limit_tokens_per_s": ceilings[batch]["tokens_per_s_limit"],
+               "fraction_of_ceiling": tokens / seconds / ceilings[batch]["tokens_per_s_limit"]}
+        if not args.no_lm_eval:
+            import copy
 
-        windowed = copy.copy(lm)
-        windowed.max_length = args.segment_len
-        contender = LmEvalRolling(windowed, task, args.documents, batch_size=batch)
-        contender.run()  # warm-up: builds the dataset cache
-        le_seconds, _ = contender.run()
-        lm_rows.append({"batch_size": batch, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                        "lm_eval_seconds": le_seconds, "lm_eval_tokens_per_s": tokens / le_seconds,
+            windowed = copy.copy(lm)
+            windowed.max_length = args.segment_len
+            contender = LmEvalRolling(windowed, task, args.documents, batch_size=batch)
+            contender.run()  # warm-up: builds the dataset cache
+            le_seconds, _ = contender.run()
+            row.update({"lm_eval_seconds": le_seconds, "lm_eval_tokens_per_s": tokens / le_seconds,
                         "ratio_vs_lm_eval": (tokens / seconds) / (tokens / le_seconds)})
-        print(f"LM batch {batch}: {tokens / seconds:,.0f} tok/s (lm-eval {tokens / le_seconds:,.0f} tok/s)", flush=True)
+        lm_rows.append(row)
+        print(f"LM batch {batch}: {tokens / seconds:,.0f} tok/s = {row['fraction_of_ceiling']:.0%} of the GEMM "
+              f"limit ({row['gemm_limit_tokens_per_s']:,.0f})", flush=True)
     prompts = qa_prompts(lm, args.questions)
+    prefill = []
+    for batch in (1, 4):
+        seconds, tokens = prefill_throughput(lm, prompts, batch)
+        width = max(len(HFGenerator(lm).encode(p)) for p in prompts)
+        limit = gemm_ceiling(lm, batch * width, width // 2, head=False)["tokens_per_s_limit"]
+        prefill.append({"batch_size": batch, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                        "gemm_limit_tokens_per_s": limit, "fraction_of_ceiling": tokens / seconds / limit})
+        print(f"QA prefill batch {batch}: {tokens / seconds:,.0f} tok/s = {tokens / seconds / limit:.0%}", flush=True)
+    training = training_throughput(args.model, args.threads, args.train_steps) if args.train_steps else []
+    train_limit = gemm_ceiling(lm, 4 * 161, 80)["tokens_per_s_limit"] / 3
+    for row in training:
+        row["fraction_of_training_ceiling"] = row["text_tokens_per_s"] / train_limit
     qa_rows = []
     for batch in BATCHES:
         gen = HFGenerator(lm, max_new_tokens=args.max_new_tokens, batch_size=batch)
@@ -99,15 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"QA batch {batch}: {len(prompts) / seconds:.2f} questions/s", flush=True)
     same = all(r["answers"] == qa_rows[0]["answers"] for r in qa_rows)
     payload = {"model": args.model, "threads": args.threads, "documents": len(docs), "tokens_per_document": args.tokens,
-               "segment_len": args.segment_len, "lm": lm_rows, "qa": qa_rows,
+               "segment_len": args.segment_len, "gemm_ceiling": ceilings, "lm": lm_rows, "qa_prefill": prefill,
+               "training": training, "training_limit_text_tokens_per_s": train_limit, "qa": qa_rows,
                "qa_answers_identical_across_batch_sizes": same,
                "notes": "lm-eval: loglikelihood_rolling with max_length = segment_len and the same batch size, "
-                        "same model object and prefix token; seconds of the second simple_evaluate call."}
+                        "same model object and prefix token; seconds of the second simple_evaluate call. Training: "
+                        "text tokens (segments x 128 x samples) per second of optimizer steps; the first step is "
+                        "not timed; its ceiling counts forward + backward as 3 forward passes of GEMMs at the "
+                        "measured fp32 rate (bf16 may exceed it)."}
     path = write_result("throughput", payload, args.out)
     plot(path.with_suffix(".png"), f"Throughput ({args.model}, {args.threads} threads)", "batch size",
          "tokens/s (LM) | questions/s x100 (QA)",
          {"LM no_memory": (list(BATCHES), [r["tokens_per_s"] for r in lm_rows]),
-          "LM lm-eval": (list(BATCHES), [r["lm_eval_tokens_per_s"] for r in lm_rows]),
+          "GEMM limit": (list(BATCHES), [r["gemm_limit_tokens_per_s"] for r in lm_rows]),
+          **({"LM lm-eval": (list(BATCHES), [r["lm_eval_tokens_per_s"] for r in lm_rows])}
+             if not args.no_lm_eval else {}),
           "QA HFGenerator x100": (list(BATCHES), [100 * r["questions_per_s"] for r in qa_rows])}, logx=True)
     print(f"wrote {path}")
     return 0

@@ -169,6 +169,7 @@ class R3Mem(MemoryMethod):
     name = "r3mem"
     description = "reversible compression: recurrent KV memory, LoRA compress/expand, hierarchy (this work)"
     trainable = True
+    batched_training = True  # training_losses takes [B, S] segments (trainer --micro-batch)
     hierarchy = True
     reset_each_segment = False
     loss_overrides: dict[str, float] = {}
@@ -465,9 +466,9 @@ class R3Mem(MemoryMethod):
         return token_nll(logits, tokens).mean(), logits, new
 
     def _recon_and_cycle(self, memory: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstruction NLL of ``target`` [1, T] (+EOS) from ``memory`` and the cycle loss via ``prev`` memory."""
+        """Reconstruction NLL of ``target`` [B, T] (+EOS) from ``memory`` and the cycle loss via ``prev`` memory."""
         out = {}
-        eos = torch.tensor([[self.eos]], device=target.device)
+        eos = torch.full((target.shape[0], 1), self.eos, device=target.device)
         full = torch.cat([target, eos], dim=1)
         if self.cfg["w_recon"] > 0:
             logits = self.expand_logits(memory, full)
@@ -506,22 +507,35 @@ class R3Mem(MemoryMethod):
         return [ids(" ".join(sents[:-1]), S)], ids(sents[-1], 48)
 
     def training_losses(self, segments: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Losses of one training sample (consecutive segments of one document); ``loss`` is their weighted sum."""
+        """Losses of one training sample (consecutive [S] segments of one document), or of a micro-batch ([B, S]
+        segments of B documents); ``loss`` is their weighted sum.
+
+        The autoencoding warm-up runs a micro-batch in one pass; after it, each sample draws its own memory size
+        and hierarchy level, so the B samples run one after another and their losses are averaged."""
         c = self.cfg
+        batched = segments[0].dim() == 2
+        warmup = getattr(self, "train_step", 0) < int(c["recon_warmup_steps"])
+        if batched and not warmup:
+            per = [self.training_losses([seg[b] for seg in segments]) for b in range(segments[0].shape[0])]
+            keys = dict.fromkeys(k for p in per for k in p)
+            return {k: torch.stack([p[k] if k in p else torch.zeros_like(p["loss"]) for p in per]).mean()
+                    for k in keys}
         sizes, probs = c["train_memory_sizes"], torch.tensor(c["train_memory_probs"], dtype=torch.float)
         M = int(sizes[int(torch.multinomial(probs, 1))])
         dev = self.lm.device
-        empty = self.empty_memory(M)
         zero = torch.zeros((), device=dev)
         losses = {"lm": zero, "kl": zero, "recon": zero, "cycle": zero}
-        if getattr(self, "train_step", 0) < int(c["recon_warmup_steps"]):
+        if warmup:
             # autoencoding warm-up (as ICAE's pretraining): the memory of one segment must reconstruct it
-            seg = segments[0].to(dev).unsqueeze(0)
+            seg = segments[0].to(dev)
+            seg = seg if batched else seg.unsqueeze(0)  # [B, S]
+            empty = self.empty_memory(M, batch=seg.shape[0])
             _, memory = self.compress(seg, empty)
             losses.update(self._recon_and_cycle(memory, seg, empty))
             losses["loss"] = c["w_recon"] * losses["recon"] + c["w_cycle"] * losses["cycle"]
             losses["M"], losses["level_warmup"] = torch.tensor(float(M)), torch.tensor(1.0)
             return losses
+        empty = self.empty_memory(M)
         level = LEVELS[int(torch.multinomial(torch.tensor(c["level_probs"], dtype=torch.float), 1))]
         pair = self._pair(segments, level) if level != "document" else None
         if pair is None:

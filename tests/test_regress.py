@@ -160,3 +160,31 @@ def test_output_is_rerun_fresh_unless_resumed(workdir, capsys, monkeypatch):
     code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
                         "--output", str(workdir / "other"))
     assert code == 2 and "not a suite run" in text and (workdir / "other" / "precious.txt").exists()
+
+
+def test_a_broken_memory_is_caught(workdir, capsys, monkeypatch):
+    """R3Mem's written memory replaced by the empty memory: regress exits 1 and names an R3Mem metric."""
+    from r3mem_bench.r3mem import R3Mem
+
+    suite = workdir / "suite.yaml"
+    suite.write_text(SUITE.format(model=workdir / "model", task="local_text").replace(
+        "methods: [no_memory, full_context]",
+        "methods: [no_memory, {method: r3mem, args: {untrained: true, max_memory_tokens: 8, memory_tokens: 8}}]"))
+    ref = workdir / "ref.json"
+    assert invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref),
+                  "--update-reference")[0] == 0
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
+    assert code == 0, out  # the unbroken code holds
+    compress = R3Mem.compress
+
+    def forgetful(self, tokens, memory, write=True):
+        hidden, new = compress(self, tokens, memory, write)
+        return hidden, (None if new is None else self.empty_memory(memory.shape[-2], tokens.shape[0]))
+
+    monkeypatch.setattr(R3Mem, "compress", forgetful)
+    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
+    assert code == 1, out
+    verdict = next(line for line in out.splitlines() if "regression(s):" in line)
+    named = verdict.split("regression(s):")[1].replace(",", " ").split()
+    assert "local_text/r3mem/ppl_after_first" in named, out
+    assert all(name.startswith("local_text/r3mem/") for name in named), out  # no_memory is untouched

@@ -183,3 +183,35 @@ def test_init_from_starts_a_second_stage_from_finished_weights(tmp_path, corpus)
     assert meta["training"]["init_training"]["method_options"]["recon_warmup_steps"] == 2
     with pytest.raises(UserError, match="--init-from"):
         train(config(tmp_path / "s3", corpus, init_from=str(tmp_path / "nowhere")), quiet=True)
+
+
+@pytest.mark.parametrize("method, extra", [("r3mem", {"recon_warmup_steps": 2}), ("rmt", {})])
+def test_micro_batches_train_and_record_compute(tmp_path, corpus, method, extra):
+    opts = dict(METHOD_ARGS, **extra) if method == "r3mem" else {"num_mem_tokens": 2, "lora_r": 4}
+    cfg = config(tmp_path / method, corpus, method=method, steps=4, micro_batch=2, precision="bf16",
+                 method_options=opts)
+    root = train(cfg, quiet=True)
+    log = [json.loads(line) for line in (root / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["cpu_seconds"] > 0 for r in log)
+    meta_file = "r3mem.json" if method == "r3mem" else "rmt_config.json"
+    training = json.loads((root / meta_file).read_text())["training"]
+    assert training["micro_batch"] == 2 and training["precision"] == "bf16" and training["samples"] == 8
+    assert training["cpu_seconds"] == pytest.approx(sum(r["cpu_seconds"] for r in log), abs=0.2)
+    assert training["torch_threads"] == torch.get_num_threads()
+
+
+def test_micro_batch_draws_extend_single_sample_draws(tiny_lm, corpus):
+    data = TrainingData("", tiny_lm.tokenizer, 12, 2, corpus)
+    batch = data.batch(0, 5, 1, 3)  # micro-batch 1 of step 5: draws 3, 4, 5
+    assert [tuple(s.shape) for s in batch] == [(3, 12), (3, 12)]
+    for j in range(3):
+        single = data.sample(0, 5, 3 + j)
+        assert all(torch.equal(batch[i][j], single[i]) for i in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(data.batch(0, 5, 1, 1), data.sample(0, 5, 1)))
+
+
+def test_micro_batch_and_precision_refusals(tmp_path, corpus):
+    with pytest.raises(UserError, match="--precision"):
+        train(config(tmp_path / "p", corpus, precision="fp8"), quiet=True)
+    with pytest.raises(UserError, match="--micro-batch"):
+        train(config(tmp_path / "m", corpus, micro_batch=0), quiet=True)
