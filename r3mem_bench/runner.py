@@ -167,12 +167,17 @@ def lm_forward_plan(lm, task: Task, method, doc_tokens: int) -> tuple[int, int]:
 def estimate_forward_bytes(lm, tokens: int, batch: int = 1) -> int:
     """Peak extra bytes of one scoring forward pass: fp32 logits and their log-softmax, plus the KV cache.
 
-    Measured on CPU (tiny-random, 1K-4K tokens): peak RSS grows by 2 x tokens x vocab x 4 bytes, within 1%.
+    Logits exist only for the scored rows, at most ``scoring.HEAD_CHUNK`` at a time, where the model's logits are
+    its head over the last hidden state (``scoring.scored_nll``); otherwise for every position of the batch.
+    Measured on CPU (tiny-random, 1K-8K tokens): peak RSS grows by 2 x rows x vocab x 4 bytes, within 3%.
     """
-    from r3mem_bench.scoring import kv_bytes
+    from r3mem_bench.scoring import HEAD_CHUNK, HEAD_ONLY_ARCHS, kv_bytes
 
     vocab = int(lm.model.config.vocab_size)
-    return batch * (2 * tokens * vocab * 4 + kv_bytes(lm, tokens))
+    rows = batch * tokens
+    if type(lm.model).__name__ in HEAD_ONLY_ARCHS:
+        rows = min(rows, HEAD_CHUNK)
+    return 2 * rows * vocab * 4 + batch * kv_bytes(lm, tokens)
 
 
 def preflight(lm, task: Task, method, examples: list[dict]) -> dict | None:

@@ -23,10 +23,11 @@ def score_continuation(lm: LoadedModel, context: torch.Tensor, target: torch.Ten
 
 
 HEAD_ONLY_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")  # logits = lm_head(last hidden)
+HEAD_CHUNK = 1024  # scored rows whose logits exist at once
 
 
 def scored_nll(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               spans: list[tuple[int, int]], chunk: int = 1024) -> list[torch.Tensor]:
+               spans: list[tuple[int, int]], chunk: int = HEAD_CHUNK) -> list[torch.Tensor]:
     """NLL of the tokens ``input_ids[i, a+1 : b+1]`` for each span ``(a, b)`` of row i, in one forward pass.
 
     The output projection and the log-softmax run only on the scored positions, ``chunk`` rows at a time, so a
