@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,7 +121,6 @@ def report(
     r3mem_results: str = typer.Option("results/r3mem", "--r3mem-results", help="R3Mem reconstruction JSONs to plot."),
 ) -> None:
     """Aggregate finished runs into one table, or into the paper's tables and figures."""
-    from pathlib import Path
 
     from r3mem_bench.report import collect, render
     from r3mem_bench.store import atomic_write_text
@@ -197,7 +197,8 @@ def _register_extensions() -> None:
 
 
 def main() -> None:
-    """Entry point: one-line errors for user mistakes (exit 2), exit 1 for failed checks."""
+    """Entry point: one-line errors for user mistakes (exit 2), exit 1 for failed checks, exit 3 (one line naming
+    the log file with the traceback) for an unexpected internal error."""
     _register_extensions()
     try:
         app(standalone_mode=False)
@@ -217,7 +218,27 @@ def main() -> None:
             sys.exit(2)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
-        raise
+        log = _write_crash_log(exc)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first}; the traceback is in {log} "
+                      "(please report it with that file)", highlight=False, soft_wrap=True)
+        sys.exit(3)
+
+
+def _write_crash_log(exc: BaseException) -> Path:
+    """Write the traceback of an unexpected error to ``<cache dir>/crash-<time>-<pid>.log``; returns its path."""
+    import os
+    import time
+    import traceback
+
+    from r3mem_bench.models import cache_dir
+
+    folder = cache_dir() / "crash-logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"crash-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"r3mem-bench {' '.join(sys.argv[1:])}\n\n" + "".join(traceback.format_exception(exc)),
+                    encoding="utf-8")
+    return path
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Errors that the CLI turns into one-line messages and exit codes (2 = usage/data, 1 = check failed)."""
+"""Errors that the CLI turns into one-line messages and exit codes (2 = usage/data, 1 = check failed; any other
+exception is an internal error: exit 3, traceback in a log file)."""
 
 
 class UserError(Exception):

@@ -148,3 +148,24 @@ def test_non_writable_output(tmp_path):
     blocker.write_text("not a directory")
     proc = _lm_run(blocker / "sub")  # cannot be created, even by root
     assert proc.returncode == 2 and "--output" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unexpected_error_is_exit_3_with_one_line_naming_the_log(monkeypatch, capsys, tmp_path):
+    from r3mem_bench import cli, runner
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something the code did not expect")
+
+    monkeypatch.setenv("R3MEM_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runner, "run", boom)
+    monkeypatch.setattr(sys, "argv", ["r3mem-bench", "run", "--task", "wikitext2", "--method", "no_memory",
+                                      "--model", "tiny-random", "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 3
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
+    assert len(lines) == 1 and "RuntimeError: something the code did not expect" in lines[0], lines
+    logs = list((tmp_path / "cache" / "crash-logs").glob("crash-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in lines[0].replace("\n", "")
+    assert "Traceback (most recent call last)" in logs[0].read_text() and "boom" in logs[0].read_text()
