@@ -65,7 +65,7 @@ import numpy as np
 from r3mem_bench.baselines._retrieval import DenseIndex, embed, embed_dim
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryItem, MemoryMethod
-from r3mem_bench.methods import register_method
+from r3mem_bench.methods.registry import register_method
 
 FORGETTING = ("paper", "official", "none")
 DAY = 86400.0

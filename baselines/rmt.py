@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
-from r3mem_bench.methods import register_method
+from r3mem_bench.methods.registry import register_method
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
 

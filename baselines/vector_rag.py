@@ -36,7 +36,7 @@ import torch
 from r3mem_bench.baselines._retrieval import DenseIndex, SparseIndex, embed, embed_dim, embed_tokens, rrf, token_chunks
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryItem, MemoryMethod
-from r3mem_bench.methods import register_method
+from r3mem_bench.methods.registry import register_method
 from r3mem_bench.methods.reference import _batched_nll, _item_line
 
 RETRIEVERS = ("dense", "bm25", "hybrid")

@@ -59,7 +59,7 @@ def run(
     method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
 ) -> None:
     """Evaluate methods on tasks; finished examples are kept and skipped on rerun."""
-    from r3mem_bench.plugins import load_method_paths
+    from r3mem_bench.methods import load_method_paths
     from r3mem_bench.report import collect, render
     from r3mem_bench.runner import RunConfig
     from r3mem_bench.runner import run as do_run
@@ -86,7 +86,7 @@ def list_cmd(include_path: list[str] = typer.Option([], "--include-path"),
     """Tasks by family, methods (and the families they apply to) and models."""
     from r3mem_bench.methods import all_methods
     from r3mem_bench.models import BUILTIN_MODELS
-    from r3mem_bench.plugins import load_method_paths
+    from r3mem_bench.methods import load_method_paths
     from r3mem_bench.task import TaskRegistry
 
     load_method_paths(method_path)
@@ -127,7 +127,7 @@ def report(
 
     records = collect(dirs)
     if paper or tables or plots or reference or suite:
-        from r3mem_bench.report import paper_report
+        from r3mem_bench.paper import paper_report
 
         text = paper_report(records, dirs, paper=paper, tables=tables, plots=plots, reference=reference,
                             suite=suite, resamples=resamples, seed=bootstrap_seed, ci_unit=ci_unit,
@@ -168,7 +168,7 @@ def check_method(
     from r3mem_bench.conformance import run_checks
     from r3mem_bench.methods import get_method_class
     from r3mem_bench.models import load_model
-    from r3mem_bench.plugins import load_method_paths
+    from r3mem_bench.methods import load_method_paths
 
     load_method_paths(method_path)
     get_method_class(name)  # an unknown name is a usage error before the model loads

@@ -139,7 +139,8 @@ def _items(family: str, tag: str):
 
 def qa_checks(cls, lm, options: dict, family: str) -> list[CheckResult]:
     """The QA checks for ``family`` (rag or dialogue; see the module docstring)."""
-    from r3mem_bench.generation import make_generator, make_prompt
+    from r3mem_bench.backends import make_generator
+    from r3mem_bench.generation import make_prompt
     from r3mem_bench.method import Answer
 
     out: list[CheckResult] = []

@@ -63,7 +63,8 @@ class R3MemLM(LM):
         self.qa = bool({"rag", "dialogue"} & set(cls.families))
         generator = prompt = None
         if self.qa:
-            from r3mem_bench.generation import make_generator, make_prompt
+            from r3mem_bench.backends import make_generator
+            from r3mem_bench.generation import make_prompt
 
             generator = make_generator(self.lm, {}, backend)
             prompt = make_prompt({})

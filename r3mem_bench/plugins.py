@@ -59,10 +59,9 @@ def plugin_files(path: str | Path, origin: str = "--method-path") -> list[Path]:
 
 def load_plugin_file(path: Path, origin: str = "--method-path") -> list[str]:
     """Import one plugin file (once per process); returns the method names it registered."""
-    from r3mem_bench.methods import _METHODS, all_methods, plugin_source
+    from r3mem_bench.methods.registry import _METHODS, plugin_source
 
     path = path.resolve()
-    all_methods()  # built-ins, entry points and R3MEM_BENCH_METHOD_PATH first: a clash then names the plugin
     if path in _LOADED:
         return _LOADED[path]
     before = dict(_METHODS)
@@ -98,7 +97,8 @@ def load_plugin_file(path: Path, origin: str = "--method-path") -> list[str]:
 
 
 def load_method_paths(paths: list[str] | tuple[str, ...] | None, origin: str = "--method-path") -> list[str]:
-    """Import every plugin file that ``paths`` name; returns the method names they registered.
+    """Import every plugin file that ``paths`` name; returns the method names they registered. Call it through
+    :func:`r3mem_bench.methods.load_method_paths`, which registers the built-in methods first.
 
     The files are added to ``R3MEM_BENCH_METHOD_PATH`` so that child processes (Ray workers) load them too.
     """
@@ -130,7 +130,7 @@ def _entry_points() -> list:
 def load_entry_points() -> list[str]:
     """Import the module (or class) of each installed entry point once; returns the method names registered."""
     from r3mem_bench.method import MemoryMethod
-    from r3mem_bench.methods import _METHODS, plugin_source, register_method
+    from r3mem_bench.methods.registry import _METHODS, plugin_source, register_method
 
     names: list[str] = []
     for ep in _entry_points():

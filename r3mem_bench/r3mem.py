@@ -29,7 +29,10 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   sit among the text at their natural positions (``slot_layout``, below); their keys are then re-rotated (RoPE
   is a rotation, so rotating by -shift moves a key to another position exactly) to positions 1..M, so a memory
   is position-independent and the recurrence ``memory_t = compress(segment_t | memory_{t-1})`` keeps the same
-  layout for ever: a constant-size state for any history length.
+  layout for ever: a constant-size state for any history length. ``slot_positions=ordered`` (default) keys
+  written slot j at position 1+j, as the empty memory's slots sit; ``collapsed`` keys every written slot at
+  position 1, which is how the shipped anchored checkpoint was trained (checkpoints without the key load with the
+  positions they were trained with: ``ordered`` for ``append``, ``collapsed`` for the interleaved layouts).
 * Where the slots go (``slot_layout``). ``append``: all M slots after the text (the v1-v3 checkpoints; old
   checkpoints without the key load as ``append``). ``interleave``: slot j right after text token
   ceil((j+1)T/M)-1, so each slot follows the span it summarises, as Activation Beacon's beacons do (Zhang et
@@ -106,7 +109,7 @@ import torch.nn.functional as F
 from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryItem, MemoryMethod, tensor_bytes
-from r3mem_bench.methods import register_method
+from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
 
 CHECKPOINT_FORMAT = "r3mem-checkpoint/1"
@@ -115,8 +118,23 @@ SHIPPED = Path(__file__).resolve().parent.parent / "results" / "checkpoints"
 
 # Options: architecture (fixed by a checkpoint) and behaviour (free at run time).
 ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear",
-                 "reader": "expand", "slot_layout": "anchored"}
+                 "reader": "expand", "slot_layout": "anchored", "slot_positions": "ordered"}
 LEGACY_ARCH = {"reader": "compress", "slot_layout": "append"}  # checkpoints written before an option existed behave as they were trained
+SLOT_POSITIONS = ("ordered", "collapsed")
+
+
+def trained_arch(config: dict, key: str):
+    """The value of architecture option ``key`` a checkpoint was trained with (its JSON ``config``).
+
+    Checkpoints written before an option existed behave as they were trained: ``reader=compress``,
+    ``slot_layout=append``, and for ``slot_positions`` the positions the code of their time wrote: slot j at 1+j
+    (``ordered``) for the ``append`` layout, every written slot at 1 (``collapsed``) for the interleaved layouts.
+    """
+    if key in config:
+        return config[key]
+    if key == "slot_positions":
+        return "ordered" if trained_arch(config, "slot_layout") == "append" else "collapsed"
+    return LEGACY_ARCH.get(key)
 RUN_DEFAULTS = {
     "memory_tokens": 16, "segment_len": 128, "train_segments": 3, "train_memory_sizes": [8, 16, 32, 64],
     "train_memory_probs": [0.2, 0.5, 0.2, 0.1], "level_probs": [0.6, 0.2, 0.2], "w_lm": 1.0, "w_kl": 1.0,
@@ -186,7 +204,7 @@ class R3Mem(MemoryMethod):
             ckpt_dir = self._checkpoint_dir(opts.get("checkpoint"))
             ckpt_meta = self._read_meta(ckpt_dir)
             for key in ARCH_DEFAULTS:
-                opts.setdefault(key, ckpt_meta["config"].get(key, LEGACY_ARCH.get(key)))
+                opts.setdefault(key, trained_arch(ckpt_meta["config"], key))
         unknown = set(opts) - set(ARCH_DEFAULTS) - set(RUN_DEFAULTS) - {"checkpoint", "untrained", "memory_budget", "train_steps"}
         if unknown:
             raise UserError(f"r3mem: unknown option '{sorted(unknown)[0]}'; fix: use one of "
@@ -202,6 +220,9 @@ class R3Mem(MemoryMethod):
             raise UserError(f"r3mem: reader={self.cfg['reader']!r}; fix: use reader=expand or reader=compress")
         if self.cfg["slot_layout"] not in ("append", "interleave", "anchored"):
             raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']!r}; fix: use slot_layout=anchored, interleave or append")
+        if self.cfg["slot_positions"] not in SLOT_POSITIONS:
+            raise UserError(f"r3mem: slot_positions={self.cfg['slot_positions']!r}; fix: use slot_positions=ordered "
+                            "(written slot j keyed at position 1+j) or collapsed (every written slot at 1)")
         if self.cfg["reader"] == "compress" and "slot_layout" not in opts:
             self.cfg["slot_layout"] = "append"  # the one layout the one-pass reader supports
         if self.cfg["slot_layout"] != "append" and self.cfg["reader"] == "compress":
@@ -349,7 +370,8 @@ class R3Mem(MemoryMethod):
         body = torch.cat([text, slots], dim=1)[:, order]
         hidden, kv = self._forward(past, torch.cat([read, body], dim=1), M + 1)  # body k at position M+2+k
         slot_kv = kv[..., 1 + slot_index.to(kv.device), :]  # [L,2,B,H,M,D]
-        keys = rotate_keys(slot_kv[:, 0], -(M + 1 + slot_index), self.rotary)  # slot j -> position 1+j
+        target = 1 + torch.arange(M) if self.cfg["slot_positions"] == "ordered" else torch.ones(M, dtype=torch.long)
+        keys = rotate_keys(slot_kv[:, 0], target - (M + 2 + slot_index), self.rotary)  # slot j -> position target[j]
         text_index = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (order < T).nonzero()[:-1, 0]])  # [T]
         return hidden[:, text_index.to(hidden.device)], torch.stack([keys, slot_kv[:, 1]], dim=1)
 
@@ -628,7 +650,7 @@ class R3Mem(MemoryMethod):
                             f"but the model is '{self.lm.name}' {self.shape}; fix: pass --model {meta.get('model')} "
                             "or a checkpoint trained for this model")
         for key in ARCH_DEFAULTS:  # e.g. --init-from a stage trained with another layout: refuse, do not retrain it
-            trained = meta["config"].get(key, LEGACY_ARCH.get(key))
+            trained = trained_arch(meta["config"], key)
             if trained is not None and trained != self.cfg[key]:
                 raise UserError(f"{path}: trained with {key}={trained!r} but this R3Mem has {key}={self.cfg[key]!r}; "
                                 f"fix: pass --method-arg {key}={trained} (or drop the option)")

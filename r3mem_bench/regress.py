@@ -359,7 +359,7 @@ def register(app: typer.Typer) -> None:
         method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
     ) -> None:
         """Run a suite and compare its quality metrics with a reference; exit 1 on a regression."""
-        from r3mem_bench.plugins import load_method_paths
+        from r3mem_bench.methods import load_method_paths
 
         load_method_paths(method_path)
         checks = run_regress(suite, reference, output, use_ci, junit, summary, update_reference, force, executor,

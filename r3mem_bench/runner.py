@@ -82,7 +82,8 @@ def build_method(cfg: RunConfig, task: Task, method_name: str, lm):
         options.setdefault("memory_budget", budget)
     generator = prompt = None
     if task.family != "lm":
-        from r3mem_bench.generation import make_generator, make_prompt
+        from r3mem_bench.backends import make_generator
+        from r3mem_bench.generation import make_prompt
 
         generator = make_generator(lm, task.params, cfg.backend)
         prompt = make_prompt(task.params)

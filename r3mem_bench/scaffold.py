@@ -34,7 +34,7 @@ __IMPORTS__
 import torch
 
 from r3mem_bench.method import Answer, MemoryItem, MemoryMethod, tensor_bytes
-from r3mem_bench.methods import register_method
+from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
 
 
@@ -176,7 +176,7 @@ import pytest
 import torch
 
 from r3mem_bench.methods import get_method_class
-from r3mem_bench.plugins import load_method_paths
+from r3mem_bench.methods import load_method_paths
 
 load_method_paths([str(Path(__file__).resolve().parent / "__NAME__.py")])
 

@@ -189,7 +189,7 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
 
     _import(suite.imports)
     if suite.method_path:
-        from r3mem_bench.plugins import load_method_paths
+        from r3mem_bench.methods import load_method_paths
 
         load_method_paths(suite.method_path, origin=f"suite {suite.source}: method_path")
     registry = TaskRegistry(suite.include_paths)
@@ -363,7 +363,7 @@ def register(app: typer.Typer) -> None:
         method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
     ) -> None:
         """Run every task x method x seed cell of a suite (resumable), then write its report."""
-        from r3mem_bench.plugins import load_method_paths
+        from r3mem_bench.methods import load_method_paths
         from r3mem_bench.report import missing_markdown, table_markdown
 
         load_method_paths(method_path)

@@ -454,7 +454,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a memory method's adapters/memory parameters; resumable, deterministic per seed."""
         from r3mem_bench.cli import _parse_options
-        from r3mem_bench.plugins import load_method_paths
+        from r3mem_bench.methods import load_method_paths
 
         load_method_paths(method_path)
 

@@ -14,7 +14,8 @@ import torch
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.families import get_family
-from r3mem_bench.generation import make_generator, make_prompt
+from r3mem_bench.backends import make_generator
+from r3mem_bench.generation import make_prompt
 from r3mem_bench.method import Answer, AnswerNLL, MemoryItem, MemoryMethod
 from r3mem_bench.methods import get_method_class
 from r3mem_bench.report import metric_direction

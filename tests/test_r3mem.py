@@ -369,3 +369,46 @@ def test_greedy_reconstruction_without_repeated_ngrams(tiny_lm):
         ids = m.reconstruct_ids(m.compress(segs(1)[0].unsqueeze(0), m.empty_memory())[1])[0]
     bigrams = list(zip(ids, ids[1:]))
     assert len(ids) > 5 and len(bigrams) == len(set(bigrams))
+
+
+@pytest.mark.parametrize("layout", ["append", "interleave", "anchored"])
+@pytest.mark.parametrize("positions", ["ordered", "collapsed"])
+def test_slot_keys_sit_at_their_documented_positions(tiny_lm, layout, positions):
+    """Layer 0's key of a slot depends only on its input embedding, so each stored key must equal that key
+    rotated (RoPE) to the slot's documented position: 1+j for written slots (``ordered``) or 1 (``collapsed``),
+    and 1+j for the empty memory's slots."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    M, T = 4, 8
+    m = get_method_class("r3mem")(tiny_lm, {"untrained": True, "max_memory_tokens": M, "memory_tokens": M,
+                                            "slot_layout": layout, "slot_positions": positions})
+    layer = m.decoder.layers[0]
+    heads, dim = m.shape["kv_heads"], m.shape["head_dim"]
+
+    def expected_keys(inputs: torch.Tensor, where: list[int]) -> torch.Tensor:  # inputs [M, d] -> [H, M, D]
+        with torch.no_grad():
+            k = layer.self_attn.k_proj(layer.input_layernorm(inputs.unsqueeze(0)))  # [1, M, H*D]
+            k = k.view(1, M, heads, dim).transpose(1, 2)  # [1, H, M, D]
+            cos, sin = m.rotary(k, torch.tensor([where]))
+            return apply_rotary_pos_emb(k, k, cos, sin)[1][0]
+
+    tokens = torch.arange(100, 100 + T).view(1, T)
+    with torch.no_grad():
+        empty = m.empty_memory(M)
+        _, written = m.compress(tokens, empty)
+    slots = m.slots[:M].detach()
+    assert torch.allclose(empty[0, 0, 0], expected_keys(slots, list(range(1, M + 1))), atol=1e-5)
+    if layout == "anchored":  # slot j also carries the embedding of the text token just before it
+        before = [-(-(j + 1) * T // M) - 1 for j in range(M)]
+        slots = slots + m.embed(tokens[0, before]).detach()
+    where = list(range(1, M + 1)) if positions == "ordered" else [1] * M
+    assert torch.allclose(written[0, 0, 0], expected_keys(slots, where), atol=1e-5)
+
+
+def test_checkpoints_without_slot_positions_load_as_trained():
+    from r3mem_bench.r3mem import trained_arch
+
+    assert trained_arch({"slot_layout": "append"}, "slot_positions") == "ordered"
+    assert trained_arch({}, "slot_positions") == "ordered"  # no layout key: the append layout
+    assert trained_arch({"slot_layout": "anchored"}, "slot_positions") == "collapsed"
+    assert trained_arch({"slot_layout": "anchored", "slot_positions": "ordered"}, "slot_positions") == "ordered"

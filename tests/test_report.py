@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from r3mem_bench.report import ReportOptions, build_report, collect, paper_report, render, write_tables
+from r3mem_bench.paper import paper_report
+from r3mem_bench.report import ReportOptions, build_report, collect, render, write_tables
 from r3mem_bench.suite import load_suite, report_suite, run_suite
 
 SUITE = """

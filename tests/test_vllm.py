@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from r3mem_bench.errors import UserError
-from r3mem_bench.generation import make_generator
+from r3mem_bench.backends import make_generator
 from r3mem_bench.vllm_backend import VLLMGenerator, vllm_unavailable_reason
 
 REASON = vllm_unavailable_reason()

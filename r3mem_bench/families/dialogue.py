@@ -70,7 +70,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from r3mem_bench.errors import UserError
-from r3mem_bench.families import register_family
+from r3mem_bench.families.base import register_family
 from r3mem_bench.families.qa import QA_PARAMS, QAFamily
 from r3mem_bench.generators.persona import human_date
 from r3mem_bench.method import MemoryItem

@@ -30,7 +30,7 @@ import torch
 
 from r3mem_bench.data import bundled_text
 from r3mem_bench.errors import UserError
-from r3mem_bench.families import Family, register_family
+from r3mem_bench.families.base import Family, register_family
 
 LN2 = math.log(2.0)
 

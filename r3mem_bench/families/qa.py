@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from r3mem_bench.errors import UserError
-from r3mem_bench.families import Family
+from r3mem_bench.families.base import Family
 from r3mem_bench.method import Answer, MemoryMethod
 from r3mem_bench.metrics import NORMALIZATIONS, best_over, is_abstention, retrieval_recall, squad_scorers
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from r3mem_bench.method import MemoryItem, MemoryMethod
-from r3mem_bench.methods import register_method
+from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import kv_bytes, scored_nll
 
 
