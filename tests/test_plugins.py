@@ -226,16 +226,17 @@ def test_check_method_fails_a_broken_method_naming_the_check(tmp_path):
 
 
 def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
-    import r3mem_bench.methods as registry
+    import r3mem_bench.methods as methods
     from r3mem_bench import plugins
+    from r3mem_bench.methods import registry
 
     _write(tmp_path / "ep_plugin_mod.py", PLUGIN.replace("plug_window", "ep_window"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    registry.all_methods()  # the shipped methods, then a fresh registry state to restore afterwards
+    methods.all_methods()  # the shipped methods, then a fresh registry state to restore afterwards
     for attr in ("_METHODS", "_SOURCES"):
         monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
     monkeypatch.setattr(registry, "_PLUGINS", set(registry._PLUGINS))
-    monkeypatch.setattr(registry, "_DISCOVERED", False)
+    monkeypatch.setattr(methods, "_DISCOVERED", False)
     monkeypatch.setattr(plugins, "_ENTRY_POINTS_LOADED", set())
     monkeypatch.delenv(plugins.PATH_ENV, raising=False)
     group = plugins.ENTRY_POINT_GROUP
@@ -243,8 +244,8 @@ def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda **kw: list(points) if kw.get("group") == group else [])
     try:
-        methods = registry.all_methods()
-        assert "ep_window" in methods and "no_memory" in methods
+        found = methods.all_methods()
+        assert "ep_window" in found and "no_memory" in found
         assert registry.method_source("ep_window") == "entry point 'ep_window = ep_plugin_mod'"
         points.append(importlib.metadata.EntryPoint(name="broken", value="no_such_module_abc", group=group))
         with pytest.raises(UserError, match=r"entry point 'broken = no_such_module_abc': cannot import it "

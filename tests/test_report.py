@@ -50,9 +50,9 @@ def test_tables_and_figures_regenerate_byte_identically(finished, tmp_path):
     _, out = finished
     tables, plots = _files(out / "report"), _files(out / "plots")
     assert {"main.md", "main.csv", "main.tex", "lm.md", "lm_position.tex", "rag.csv", "dialogue_categories.md",
-            "report.md"} <= set(tables)
+            "lm_frontier.md", "report.md"} <= set(tables)
     assert {"lm_position.png", "lm_position.pdf", "quality_vs_memory.png", "latency_vs_history.pdf",
-            "dialogue_categories.png"} <= set(plots)
+            "dialogue_categories.png", "lm_frontier.png", "lm_frontier.pdf"} <= set(plots)
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     proc = subprocess.run([sys.executable, "-m", "r3mem_bench.cli", "report", str(out), "--tables", str(tmp_path / "t"),
                            "--plots", str(tmp_path / "p"), "--r3mem-results", str(tmp_path / "none")],
@@ -159,3 +159,16 @@ def test_memory_gain_table_and_reconstruction_table(finished, tmp_path):
     recon = reconstruction_table(tmp_path)
     assert recon.columns == ["rouge_l", "rouge_l (empty memory)", "token_accuracy", "token_accuracy (empty memory)"]
     assert [v.value for v in recon.rows[0][1]] == [0.5, 0.1, 0.6, 0.2]
+
+
+def test_frontier_table_orders_methods_by_state_bytes(finished):
+    from r3mem_bench.plots import series_of
+    from r3mem_bench.report import Report
+
+    _, out = finished
+    rep = Report(collect([str(out)]))
+    table = rep.frontier_table()
+    rows = [(labels[-1], vals[0].value) for labels, vals in table.rows]
+    assert [m for m, _ in rows] == ["no_memory", "full_context"] and rows[0][1] == 0 < rows[1][1]
+    assert series_of("window@r3mem") == series_of("no_memory:window=64") == "sliding window"
+    assert series_of("r3mem:memory_tokens=4") == "r3mem" and series_of("rmt") == "rmt"

@@ -34,7 +34,8 @@ def test_shipped_suites_parse():
     assert ci.models == ["smollm2-135m"] and ci.regress["tolerances"]
     assert {c["family"] for c in cells(ci, "/tmp/unused")} == {"lm", "rag", "dialogue"}
     quick, paper = load_suite("quick"), load_suite("paper")
-    wanted = {"no_memory", "full_context", "vector_rag", "memorybank", "rmt", "r3mem"}
+    wanted = {"no_memory", "full_context", "vector_rag", "memorybank", "memorybank_noforget", "rmt", "rmt_reset",
+              "window@rmt", "r3mem", "r3mem_reset", "window@r3mem", "window4x@r3mem"}
     assert {m["method"] for m in quick.methods} == wanted == {m["method"] for m in paper.methods}
     assert paper.resources.get("num_gpus") == 1 and len(paper.seeds) == 3
     with pytest.raises(UserError, match="unknown suite 'nope'"):

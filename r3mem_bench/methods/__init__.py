@@ -13,7 +13,8 @@ import pkgutil
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryMethod
-from r3mem_bench.methods.registry import _METHODS, method_source, plugin_source, register_method
+from r3mem_bench.methods import registry
+from r3mem_bench.methods.registry import method_source, plugin_source, register_method
 
 __all__ = ["all_methods", "get_method_class", "load_method_paths", "method_source", "plugin_source",
            "register_method"]
@@ -58,7 +59,7 @@ def load_method_paths(paths, origin: str = "--method-path") -> list[str]:
 def all_methods() -> dict[str, type[MemoryMethod]]:
     """All registered methods by name."""
     _discover()
-    return dict(sorted(_METHODS.items()))
+    return dict(sorted(registry._METHODS.items()))
 
 
 def get_method_class(name: str) -> type[MemoryMethod]:
