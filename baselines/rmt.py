@@ -47,7 +47,7 @@ from ``[first prompt token][memory][rest of the shared chat prompt]`` with the t
 everything the model knows about the corpus comes through the M memory vectors. No item ids are retrieved.
 Answer likelihood (``answer_nll``) scores gold and candidate answers after that same memory-prefixed input.
 
-Held-out results (WikiText-2, SmolLM2-135M, both checkpoints) and their commands: ``results/rmt/heldout.md``.
+Shipped checkpoint and its training command: ``results/rmt/README.md``; held-out results: ``results/r3mem/README.md``.
 
 Costs: ``tokens_processed`` counts every position pushed through the model (sink, 2M slots, segment tokens;
 prompt, slots and generated tokens for QA); ``state_bytes`` is the memory tensor (M x H floats).

@@ -124,15 +124,15 @@ def plot_frontier(report: Report, outdir: Path, metric: str = "ppl_after_first")
                 cell = report.cell(model, task, method)
                 if cell and metric in cell.metrics:
                     lines.setdefault(series_of(method), []).append((float(cell.metrics.get("state_bytes", 0.0)),
-                                                                    report.stat(cell, metric)))
+                                                                    report.stat(cell, metric), method))
             prefix = "" if len(report.models) == 1 else f"{model}: "
             for name, points in sorted(lines.items()):
-                zero = [s for x, s in points if x <= 0]
-                for s in zero:
-                    ax.axhline(s.value, ls="--", lw=1, color="grey")
-                    ax.annotate(f"{prefix}{name} (no state)", (0.01, s.value), xycoords=("axes fraction", "data"),
-                                fontsize=6, va="bottom")
-                points = sorted(((x, s) for x, s in points if x > 0), key=lambda p: p[0])
+                for x, s, method in points:
+                    if x <= 0:
+                        ax.axhline(s.value, ls="--", lw=1, color="grey")
+                        ax.annotate(f"{prefix}{method} (no state)", (0.01, s.value),
+                                    xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
+                points = sorted(((x, s) for x, s, _ in points if x > 0), key=lambda p: p[0])
                 if not points:
                     continue
                 xs = [x for x, _ in points]
