@@ -5,7 +5,8 @@ The method is driven as its families' protocols drive it, on tiny generated inpu
 * ``lm``: it builds; it scores a document of three segments (``begin``, ``reset``, ``score_stream``); one NLL per
   token of each segment; the NLLs are finite and non-negative; ``tokens_processed`` grows; ``state_bytes()`` is a
   non-negative int; ``reset()`` makes documents independent (document A, then B, then A again: A's NLLs are the
-  same both times).
+  same both times); no future tokens leak into a segment's score (A's first two segments score the same when its
+  last segment is replaced by other tokens).
 * ``rag`` / ``dialogue``: it builds with the shared generator and prompt; ``ingest`` then ``answer`` return an
   :class:`Answer` (text and retrieved ids); ``tokens_processed`` grows; ``state_bytes()`` is a non-negative int;
   ``reset()`` makes corpora / conversations independent (A, then B, then A again: the same answer and ids).
@@ -118,6 +119,18 @@ def lm_checks(cls, lm, options: dict) -> list[CheckResult]:
     diff = float((second - values).abs().max()) if second.shape == values.shape else math.inf
     out.append(CheckResult(name, same, "" if same else f"A's NLLs moved by up to {diff:.4g} nats after B: "
                            "reset() keeps state"))
+    name = "lm: no future tokens leak (A with another last segment: the first two segments score the same)"
+    try:
+        altered = stream(doc_a[:2] + [doc_b[2]], "doc-a")
+        early, early_altered = (torch.cat([x.detach().double().cpu().reshape(-1) for x in d[:2]])
+                                for d in (first, altered))
+    except Exception as exc:  # noqa: BLE001
+        out.append(CheckResult(name, False, _error(exc)))
+        return out
+    same = bool(torch.allclose(early_altered, early, atol=ATOL, rtol=0))
+    moved = float((early_altered - early).abs().max())
+    out.append(CheckResult(name, same, "" if same else f"earlier segments' NLLs moved by up to {moved:.4g} nats "
+                           "when only a later segment changed: a score reads tokens after it"))
     return out
 
 

@@ -79,6 +79,19 @@ class Leaky(_Window):
 
     def reset(self):
         pass  # keeps the previous document's tokens
+
+
+@register_method
+class Peeking(_Window):
+    name = "peeking"
+
+    def score_stream(self, segments):
+        out = []
+        for i, seg in enumerate(segments):
+            ahead = segments[i + 1] if i + 1 < len(segments) else seg[:0]
+            self.memory = torch.cat([self.memory, ahead])[-32:]  # reads the next segment before scoring this one
+            out.append(self.score_segment(seg))
+        return out
 '''
 
 
@@ -222,6 +235,10 @@ def test_check_method_fails_a_broken_method_naming_the_check(tmp_path):
     assert "PASS  lm: one NLL per token" in leaky.stdout
     assert "FAIL  lm: reset() makes documents independent" in leaky.stdout
     assert "reset() makes documents independent" in leaky.stderr
+    peeking = run_cli("check-method", "peeking", "--method-path", str(plugin), *TINY)
+    assert peeking.returncode == 1, peeking.stdout + peeking.stderr
+    assert "PASS  lm: reset() makes documents independent" in peeking.stdout
+    assert "FAIL  lm: no future tokens leak" in peeking.stdout and "reads tokens after it" in peeking.stdout
     assert "unknown method 'nope'" in _one_line_error(run_cli("check-method", "nope", *TINY))
 
 
