@@ -26,7 +26,7 @@ from scipy import stats as sstats
 
 LN2 = math.log(2.0)
 LM_RATIO_METRICS = ("ppl", "ppl_after_first", "bits_per_byte")
-QA_SCORE_METRICS = ("em", "f1", "contains", "recall", "abstention", "abstention_acc")
+QA_SCORE_METRICS = ("em", "f1", "contains", "recall", "abstention", "abstention_acc", "answer_nll", "choice_acc")
 
 
 @dataclass
