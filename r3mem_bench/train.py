@@ -329,8 +329,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
                    "learning-rate schedule is recomputed for the new budget", err=True)
         state.setdefault("steps_changes", []).append({"at_step": state["step"], "from": state["steps"], "to": cfg.steps})
     state["steps"] = cfg.steps
-    if state["step"] >= cfg.steps:
-        raise UserError(f"{root}: resume state is at step {state['step']} >= --steps {cfg.steps}; fix: raise --steps")
+    if state["step"] > cfg.steps:  # == : killed after the last step's state was saved; finish writing it below
+        raise UserError(f"{root}: resume state is at step {state['step']} > --steps {cfg.steps}; fix: raise --steps")
     if hasattr(method, "train"):
         method.train(True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()

@@ -161,12 +161,13 @@ class _FixedPredictions(MemoryMethod):
 @pytest.fixture
 def fixed_method():
     from r3mem_bench import methods
+    from r3mem_bench.methods import registry
 
     methods.get_method_class("no_memory")  # discover the built-ins first
-    methods.register_method(_FixedPredictions)
+    registry.register_method(_FixedPredictions)
     yield _FixedPredictions.name
-    methods._METHODS.pop(_FixedPredictions.name, None)
-    methods._SOURCES.pop(_FixedPredictions.name, None)
+    registry._METHODS.pop(_FixedPredictions.name, None)
+    registry._SOURCES.pop(_FixedPredictions.name, None)
 
 
 def _invoke(capsys, monkeypatch, *args: str) -> tuple[int, str]:

@@ -67,7 +67,7 @@ def test_preflight_numbers(tasks, tmp_path, tiny_lm):
 
 
 MEASURE = """
-import json, resource, torch
+import json, torch
 torch.set_num_threads(1)
 from r3mem_bench.models import load_model
 from r3mem_bench.methods.reference import _batched_nll
@@ -75,10 +75,18 @@ from r3mem_bench.runner import estimate_forward_bytes
 lm = load_model("tiny-random", device="cpu")
 ids = torch.randint(0, 40000, (64,))
 _batched_nll(lm, [(ids, 63)], 1)  # warm up allocator and kernels
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def status(field):  # kB -> bytes
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading peaks drop out
+before = status("VmRSS")
 n = 3072
 _batched_nll(lm, [(torch.randint(0, 40000, (n,)), n - 1)], 1)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = status("VmHWM")
 print(json.dumps({"measured": after - before, "estimate": estimate_forward_bytes(lm, n)}))
 """
 
