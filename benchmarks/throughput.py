@@ -114,7 +114,7 @@ TRAINING = [  # (label, method, segments, method options, precision, micro_batch
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
     ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
-    ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
+    ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "bf16", 1, 4),
 ]
 
 

@@ -54,14 +54,18 @@ def exact_match_official(prediction: str, gold: str) -> float:
     return float(normalize_official(prediction) == normalize_official(gold))
 
 
-def f1_official(prediction: str, gold: str) -> float:
-    """Official SQuAD v1.1 ``f1_score`` (0 when no token is shared, even if both are empty)."""
-    pred, ref = normalize_official(prediction).split(), normalize_official(gold).split()
+def overlap_f1(pred: list[str], ref: list[str]) -> float:
+    """Token F1 of two token lists: harmonic mean of the shared-token precision and recall (0 when none shared)."""
     same = sum((Counter(pred) & Counter(ref)).values())
     if same == 0:
         return 0.0
     precision, recall = same / len(pred), same / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def f1_official(prediction: str, gold: str) -> float:
+    """Official SQuAD v1.1 ``f1_score`` (0 when no token is shared, even if both are empty)."""
+    return overlap_f1(normalize_official(prediction).split(), normalize_official(gold).split())
 
 
 def contains_official(prediction: str, gold: str) -> float:
@@ -92,12 +96,7 @@ def token_f1(prediction: str, gold: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not pred or not ref:
         return float(pred == ref)
-    common = Counter(pred) & Counter(ref)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return overlap_f1(pred, ref)
 
 
 def contains(prediction: str, gold: str) -> float:

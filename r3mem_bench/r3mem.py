@@ -532,16 +532,14 @@ class R3Mem(MemoryMethod):
         """Losses of one training sample (consecutive [S] segments of one document), or of a micro-batch ([B, S]
         segments of B documents); ``loss`` is their weighted sum.
 
-        The autoencoding warm-up runs a micro-batch in one pass; after it, each sample draws its own memory size
-        and hierarchy level, so the B samples run one after another and their losses are averaged."""
+        Only the autoencoding warm-up takes a micro-batch (one pass for all B samples); after it each sample draws
+        its own memory size and hierarchy level, so a micro-batch is refused (``--grad-accum`` gives the batch)."""
         c = self.cfg
         batched = segments[0].dim() == 2
         warmup = getattr(self, "train_step", 0) < int(c["recon_warmup_steps"])
         if batched and not warmup:
-            per = [self.training_losses([seg[b] for seg in segments]) for b in range(segments[0].shape[0])]
-            keys = dict.fromkeys(k for p in per for k in p)
-            return {k: torch.stack([p[k] if k in p else torch.zeros_like(p["loss"]) for p in per]).mean()
-                    for k in keys}
+            raise UserError("r3mem: --micro-batch > 1 batches only the autoencoding warm-up (recon_warmup_steps); "
+                            "fix: train later stages with --micro-batch 1 and --grad-accum for the batch")
         sizes, probs = c["train_memory_sizes"], torch.tensor(c["train_memory_probs"], dtype=torch.float)
         M = int(sizes[int(torch.multinomial(probs, 1))])
         dev = self.lm.device

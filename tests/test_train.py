@@ -185,7 +185,7 @@ def test_init_from_starts_a_second_stage_from_finished_weights(tmp_path, corpus)
         train(config(tmp_path / "s3", corpus, init_from=str(tmp_path / "nowhere")), quiet=True)
 
 
-@pytest.mark.parametrize("method, extra", [("r3mem", {"recon_warmup_steps": 2}), ("rmt", {})])
+@pytest.mark.parametrize("method, extra", [("r3mem", {"recon_warmup_steps": 10}), ("rmt", {})])
 def test_micro_batches_train_and_record_compute(tmp_path, corpus, method, extra):
     opts = dict(METHOD_ARGS, **extra) if method == "r3mem" else {"num_mem_tokens": 2, "lora_r": 4}
     cfg = config(tmp_path / method, corpus, method=method, steps=4, micro_batch=2, precision="bf16",
@@ -215,3 +215,9 @@ def test_micro_batch_and_precision_refusals(tmp_path, corpus):
         train(config(tmp_path / "p", corpus, precision="fp8"), quiet=True)
     with pytest.raises(UserError, match="--micro-batch"):
         train(config(tmp_path / "m", corpus, micro_batch=0), quiet=True)
+
+
+def test_r3mem_refuses_micro_batches_after_the_warmup(tmp_path, corpus):
+    cfg = config(tmp_path / "r3", corpus, steps=3, micro_batch=2, method_options=dict(METHOD_ARGS, recon_warmup_steps=1))
+    with pytest.raises(UserError, match="batches only the autoencoding warm-up"):
+        train(cfg, quiet=True)

@@ -61,7 +61,6 @@ import json
 import random
 import re
 import string
-from collections import Counter
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -74,7 +73,7 @@ from r3mem_bench.families.base import register_family
 from r3mem_bench.families.qa import QA_PARAMS, QAFamily
 from r3mem_bench.generators.persona import human_date
 from r3mem_bench.method import MemoryItem
-from r3mem_bench.metrics import best_over, contains, is_abstention, retrieval_recall
+from r3mem_bench.metrics import best_over, contains, is_abstention, overlap_f1, retrieval_recall
 
 DIALOGUE_SYSTEM = "You answer questions about a conversation history with a short phrase."
 DIALOGUE_TEMPLATE = ("{context}\n\nBased on the above conversation, write an answer in the form of a short phrase for "
@@ -383,13 +382,8 @@ def locomo_normalize(text: str) -> str:
 def locomo_f1(prediction: str, gold: str) -> float:
     """LoCoMo token F1 over Porter-stemmed normalised tokens."""
     stem = _stemmer().stem
-    pred = [stem(w) for w in locomo_normalize(prediction).split()]
-    ref = [stem(w) for w in locomo_normalize(gold).split()]
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    p, r = same / len(pred), same / len(ref)
-    return 2 * p * r / (p + r)
+    return overlap_f1([stem(w) for w in locomo_normalize(prediction).split()],
+                      [stem(w) for w in locomo_normalize(gold).split()])
 
 
 def locomo_multi_f1(prediction: str, gold: str) -> float:
