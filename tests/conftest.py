@@ -32,6 +32,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           env=full_env, timeout=timeout)
 
 
+def invoke_cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """Run ``r3mem-bench ARGS`` in this process; returns (exit code, stdout + stderr)."""
+    from r3mem_bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["r3mem-bench", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 @pytest.fixture
 def cli():
     """The CLI runner (see ``run_cli``)."""

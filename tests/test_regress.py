@@ -4,10 +4,10 @@ with exit 1 naming the metric, and a changed model or data set is refused (exit 
 from __future__ import annotations
 
 import json
-import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import invoke_cli
 
 from r3mem_bench import models
 
@@ -30,20 +30,6 @@ dataset: {loader: text_file, path: PATH}
 """
 
 
-def invoke(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process; returns (exit code, stdout + stderr)."""
-    from r3mem_bench import cli
-
-    monkeypatch.setattr(sys, "argv", ["r3mem-bench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 @pytest.fixture
 def workdir(tmp_path, tiny_lm):
     """A local copy of tiny-random, a local text task, and a suite over them."""
@@ -64,13 +50,13 @@ def workdir(tmp_path, tiny_lm):
 def test_reference_holds_twice_and_writes_junit_and_summary(workdir, capsys, monkeypatch):
     ref = workdir / "ref.json"
     suite = str(workdir / "suite.yaml")
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")
     assert code == 0, out
     data = json.loads(ref.read_text())
     assert {c["method"] for c in data["cells"]} == {"no_memory", "full_context"}
     assert all(set(c["setup"]) == {"model", "data", "config"} for c in data["cells"])
     for _ in range(2):
-        code, out = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
+        code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
                            "--junit", str(workdir / "j.xml"), "--summary", str(workdir / "s.md"))
         assert code == 0, out
         assert "all 6 checks hold" in out  # ppl, ppl_after_first, bits_per_byte x 2 methods; no timing metric
@@ -82,7 +68,7 @@ def test_reference_holds_twice_and_writes_junit_and_summary(workdir, capsys, mon
 def test_degraded_model_is_a_regression(workdir, capsys, monkeypatch):
     ref = workdir / "ref.json"
     suite = str(workdir / "suite.yaml")
-    assert invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")[0] == 0
+    assert invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")[0] == 0
     model_dir = workdir / "model"
     from safetensors.torch import load_file, save_file
 
@@ -91,7 +77,7 @@ def test_degraded_model_is_a_regression(workdir, capsys, monkeypatch):
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
     models._CACHE.pop((str(model_dir), "cpu"), None)
     for extra in (["--use-ci"], []):  # fixed tolerances last: its JUnit file is checked below
-        code, out = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
+        code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
                            "--junit", str(workdir / "j.xml"), *extra)
         assert code == 1, out
         assert "regression(s)" in out and "local_text/no_memory/ppl" in out and "REGRESSION" in out
@@ -103,26 +89,26 @@ def test_degraded_model_is_a_regression(workdir, capsys, monkeypatch):
 def test_changed_model_or_data_is_refused(workdir, capsys, monkeypatch):
     ref = workdir / "ref.json"
     suite = workdir / "suite.yaml"
-    assert invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref),
+    assert invoke_cli(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref),
                   "--update-reference")[0] == 0
     other = workdir / "other.yaml"
     other.write_text(SUITE.format(model="tiny-random", task="local_text"))
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref))
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref))
     assert code == 2 and "different setup" in out and "model differs" in out, out
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref), "--force")
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref), "--force")
     assert code in (0, 1) and "warning (--force)" in out
     doc = workdir / "doc.jsonl"
     doc.write_text(doc.read_text().replace("cat", "cow"))
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
     assert code == 2 and "data differs" in out, out
 
 
 def test_bad_reference_file_is_a_usage_error(workdir, capsys, monkeypatch):
     bad = workdir / "bad.json"
     bad.write_text("{not json")
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(workdir / "suite.yaml"), "--reference", str(bad))
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(workdir / "suite.yaml"), "--reference", str(bad))
     assert code == 2 and "not valid JSON" in out
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(workdir / "suite.yaml"),
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(workdir / "suite.yaml"),
                        "--reference", str(workdir / "none.json"))
     assert code == 2 and "--update-reference" in out
 
@@ -147,17 +133,17 @@ def test_timing_metrics_are_checked_only_when_configured():
 def test_output_is_rerun_fresh_unless_resumed(workdir, capsys, monkeypatch):
     ref, out = workdir / "ref.json", workdir / "out"
     suite = str(workdir / "suite.yaml")
-    assert invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")[0] == 0
-    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out))
+    assert invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--update-reference")[0] == 0
+    code, text = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out))
     assert code == 0 and "2 to run" in text
-    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out))
+    code, text = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out))
     assert code == 0 and "cleared the earlier run" in text and "2 to run" in text
-    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out),
+    code, text = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref), "--output", str(out),
                         "--resume")
     assert code == 0 and "0 to run" in text
     (workdir / "other").mkdir()
     (workdir / "other" / "precious.txt").write_text("keep")
-    code, text = invoke(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
+    code, text = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
                         "--output", str(workdir / "other"))
     assert code == 2 and "not a suite run" in text and (workdir / "other" / "precious.txt").exists()
 
@@ -171,9 +157,9 @@ def test_a_broken_memory_is_caught(workdir, capsys, monkeypatch):
         "methods: [no_memory, full_context]",
         "methods: [no_memory, {method: r3mem, args: {untrained: true, max_memory_tokens: 8, memory_tokens: 8}}]"))
     ref = workdir / "ref.json"
-    assert invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref),
+    assert invoke_cli(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref),
                   "--update-reference")[0] == 0
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
     assert code == 0, out  # the unbroken code holds
     compress = R3Mem.compress
 
@@ -182,7 +168,7 @@ def test_a_broken_memory_is_caught(workdir, capsys, monkeypatch):
         return hidden, (None if new is None else self.empty_memory(memory.shape[-2], tokens.shape[0]))
 
     monkeypatch.setattr(R3Mem, "compress", forgetful)
-    code, out = invoke(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
+    code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))
     assert code == 1, out
     verdict = next(line for line in out.splitlines() if "regression(s):" in line)
     named = verdict.split("regression(s):")[1].replace(",", " ").split()

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, invoke_cli
 
 from r3mem_bench.families import get_family
 from r3mem_bench.method import Answer, MemoryMethod
@@ -170,19 +170,6 @@ def fixed_method():
     registry._SOURCES.pop(_FixedPredictions.name, None)
 
 
-def _invoke(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    from r3mem_bench import cli
-
-    monkeypatch.setattr(sys, "argv", ["r3mem-bench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 def test_cli_run_reports_the_official_script_numbers(tmp_path, capsys, monkeypatch, fixed_method, tiny_lm):
     dataset = json.loads(FIXTURE.read_text(encoding="utf-8"))["data"]
     reported = {}
@@ -190,11 +177,11 @@ def test_cli_run_reports_the_official_script_numbers(tmp_path, capsys, monkeypat
         out = tmp_path / norm
         args = ["run", "--task", "squad", "--data", str(FIXTURE), "--method", fixed_method, "--model", "tiny-random",
                 "--threads", "1", "--output", str(out), "-q"]
-        code, text = _invoke(capsys, monkeypatch, *args, *([] if norm == "official" else ["--param", f"normalization={norm}"]))
+        code, text = invoke_cli(capsys, monkeypatch, *args, *([] if norm == "official" else ["--param", f"normalization={norm}"]))
         assert code == 0, text
         rows = [json.loads(line) for line in (out / "squad" / fixed_method / "results.jsonl").read_text().splitlines()]
         assert len(rows) == 10 and all(r["prediction"] == PREDICTIONS[r["question"]] for r in rows)
-        code, text = _invoke(capsys, monkeypatch, "report", str(out), "--format", "json")
+        code, text = invoke_cli(capsys, monkeypatch, "report", str(out), "--format", "json")
         assert code == 0, text
         (record,) = json.loads(text[text.index("["):])
         reported[norm] = record["metrics"]
