@@ -332,7 +332,9 @@ class RMT(MemoryMethod):
         with torch.no_grad():
             self.memory.copy_(memory.to(self.memory.device, self.memory.dtype))
         digest = hashlib.sha256(adapter_blob + memory_blob).hexdigest()[:16]
-        self.checkpoint_id = f"{path}@{digest}"
+        # a shipped checkpoint is named relative to the package, so a run's config does not depend on the checkout
+        shipped = path.resolve().parent == SHIPPED.resolve()
+        self.checkpoint_id = f"{'shipped/' + path.name if shipped else path}@{digest}"
 
     def config(self) -> dict:
         """Options plus the resolved checkpoint (path and content hash) and architecture settings."""
