@@ -4,6 +4,7 @@ with exit 1 naming the metric, and a changed model or data set is refused (exit 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -174,3 +175,11 @@ def test_a_broken_memory_is_caught(workdir, capsys, monkeypatch):
     named = verdict.split("regression(s):")[1].replace(",", " ").split()
     assert "local_text/r3mem/ppl_after_first" in named, out
     assert all(name.startswith("local_text/r3mem/") for name in named), out  # no_memory is untouched
+
+
+def test_committed_reference_does_not_name_the_checkout_path():
+    """CI checks a clean clone elsewhere: a config naming this checkout's path would never match there."""
+    root = Path(__file__).resolve().parents[1]
+    ref = root / "results" / "reference" / "ci.json"
+    configs = json.dumps([c["config"] for c in json.loads(ref.read_text())["cells"]])
+    assert str(root) not in configs and '"/' not in configs
