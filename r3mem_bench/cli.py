@@ -163,6 +163,8 @@ def check_method(
     model: str = typer.Option("tiny-random", "--model", help="Base model of the checks."),
     method_arg: list[str] = typer.Option([], "--method-arg", help="Method option key=value (repeatable)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    processes: str = typer.Option("fresh", "--processes", help="Runs of the SIGKILL-resume check: fresh "
+                                  "interpreters, or fork (forks of this process: faster, same str hash seed)."),
 ) -> None:
     """Check a method against the MemoryMethod contract on tiny inputs; exit 1 if any check fails."""
     from r3mem_bench.conformance import run_checks
@@ -170,16 +172,22 @@ def check_method(
     from r3mem_bench.models import load_model
     from r3mem_bench.methods import load_method_paths
 
+    from r3mem_bench.conformance import PROCESSES
+
     load_method_paths(method_path)
     get_method_class(name)  # an unknown name is a usage error before the model loads
+    if processes not in PROCESSES:
+        raise UserError(f"--processes {processes}: unknown; fix: use one of {', '.join(PROCESSES)}")
     options = _parse_options(method_arg)
-    results = run_checks(name, load_model(model, threads=threads), options)
+    results = run_checks(name, load_model(model, threads=threads), options, processes=processes)
     for r in results:
         typer.echo(r.line())
     failed = [r.name for r in results if not r.ok]
+    ran = [r for r in results if not r.skipped]
     if failed:
-        raise CheckFailed(f"check-method {name}: {len(failed)} of {len(results)} checks failed: {'; '.join(failed)}")
-    typer.echo(f"check-method {name}: all {len(results)} checks pass")
+        raise CheckFailed(f"check-method {name}: {len(failed)} of {len(ran)} checks failed: {'; '.join(failed)}")
+    skipped = len(results) - len(ran)
+    typer.echo(f"check-method {name}: all {len(ran)} checks pass" + (f" ({skipped} not applicable)" if skipped else ""))
 
 
 def _register_extensions() -> None:
@@ -209,20 +217,34 @@ def main() -> None:
         console.print("interrupted: finished examples are saved; rerun the same command to resume")
         sys.exit(130)
     except Exception as exc:  # click usage errors come here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+        kinds = _click_exceptions()
+        if isinstance(exc, kinds["Exit"]):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, kinds["ClickException"]):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, kinds["Abort"]):
             sys.exit(130)
         log = _write_crash_log(exc)
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first}; the traceback is in {log} "
                       "(please report it with that file)", highlight=False, soft_wrap=True)
         sys.exit(3)
+
+
+def _click_exceptions() -> dict[str, tuple[type, ...]]:
+    """click's ``Exit``, ``ClickException`` and ``Abort`` classes, from click and from the copy of click that typer
+    may vendor (``typer._click``, which raises its own usage errors), as tuples for ``isinstance``."""
+    import click
+
+    mods = [click.exceptions]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        mods.append(vendored)
+    return {name: tuple(getattr(m, name) for m in mods if hasattr(m, name)) for name in ("Exit", "ClickException", "Abort")}
 
 
 def _write_crash_log(exc: BaseException) -> Path:

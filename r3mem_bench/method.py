@@ -23,6 +23,11 @@ family protocol, which is the only caller:
 * **Costs, for all**: ``tokens_processed`` counts tokens pushed through the base model (prompts, memory slots,
   segments, summaries: everything the method pays for), ``state_bytes()`` is the size of the memory state the
   method carries (tensors, stored text and indexes), reported after each document or ingest.
+* **Ingest cache and progress (optional)**: the runner sets ``ingest_cache`` (an
+  :class:`r3mem_bench.ingest_cache.IngestCache` under the run's output directory; None elsewhere) and
+  ``ingest_log`` (a ``str -> None`` progress printer to stderr; None when quiet). A method whose ingest is costly
+  and deterministic may keep its products there (``get_or_compute``) and report progress through
+  :class:`r3mem_bench.ingest_cache.IngestProgress`; methods that ignore both are unaffected.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ class MemoryMethod(ABC):
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
     preset_options: ClassVar[dict] = {}  # options a derived name fixes (``r3mem:memory_tokens=4``); they win
+    ingest_cache = None  # r3mem_bench.ingest_cache.IngestCache of the run (set by the runner), or None
+    ingest_log = None  # callable(str) printing ingest progress to stderr (set by the runner), or None
 
     def __init__(self, lm: LoadedModel, options: dict[str, Any] | None = None, generator=None, prompt=None):
         self.lm = lm
@@ -180,10 +187,16 @@ class MemoryMethod(ABC):
         ``tokens_processed`` (what answering would read); with it they already were. None when the method has no
         shared prompt or answers through its own ``answer`` without overriding this.
         """
-        from r3mem_bench.generation import continuation_nll
-
         if self.prompt is None or type(self).answer is not MemoryMethod.answer:
             return None
+        return self.prompt_answer_nll(question, texts, now=now, given=given)
+
+    @torch.no_grad()
+    def prompt_answer_nll(self, question: str, texts: list[str], now: float | None = None,
+                          given: Answer | None = None) -> AnswerNLL:
+        """The prompt path of ``answer_nll``, for a method whose ``answer`` uses the shared prompt (or may)."""
+        from r3mem_bench.generation import continuation_nll
+
         if given is not None:
             context, ids = given.context, list(given.retrieved_ids)
         else:

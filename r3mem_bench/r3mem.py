@@ -72,11 +72,16 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   session) becomes a paragraph memory, frequent entities get entity memories keyed by their name, and a
   document memory runs over the whole history. A question is matched to paragraph memories by query
   likelihood (how much a memory lowers the NLL of the question through the read path, relative to the
-  empty memory) and to entity memories by name; the top memories are reconstructed and the reconstruction is
-  the context. Stored memories are float16.
+  empty memory) and to entity memories by name. ``qa_reader=reconstruct`` (default): the chosen memories are
+  reconstructed and the reconstructions are the context of the shared prompt. ``qa_reader=memory`` (variant
+  ``r3mem_kv``): the answer is read, as gist tokens and ICAE condition generation do, directly after the chosen
+  memories' key/values, ``[BOS][memories][read marker][closed-book prompt]``, through the reading adapter (as many
+  memories as fit in ``max_memory_tokens`` slots); no text context. No QA objective is trained: the reader has
+  only learned to continue the compressed text. Stored memories are float16.
 * Memory size: the checkpoint holds ``max_memory_tokens`` slots and training samples M from
   ``train_memory_sizes`` per sample (nested slots), so one checkpoint serves ``memory_tokens`` = 8/16/32/64.
-* Variants: ``r3mem_reset`` (same weights, memory emptied at every segment: the adapter's share),
+* Variants: ``r3mem_kv`` (QA answered from the memories' key/values, above), ``r3mem_reset`` (same weights,
+  memory emptied at every segment: the adapter's share),
   ``r3mem_no_hier`` (document level only: QA keeps one recurrent memory) and ``r3mem_no_cycle``
   (w_recon = w_cycle = 0). The last two change training: each loads its own shipped checkpoint
   (``results/checkpoints/<variant>-<model>``) when there is one, else R3Mem's (then they differ from ``r3mem``
@@ -88,10 +93,7 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   Measured reason: trained on pydoc + Shakespeare only (v2), the memory helped on held-out pydoc but hurt on
   WikiText-2 (PPL 36.3 vs 34.9 for its reset control); with the Wikipedia text it helps on both.
 
-Measured with the shipped checkpoint (v4, ``results/r3mem/README.md``; PPL of the segments after the first,
-S=128, M=16): WikiText-2 28.5 vs 34.1 for the reset control and 37.9 for no_memory (paired 95% intervals exclude
-zero). Reconstruction of held-out WikiText-2 chunks (128 tokens, teacher-forced token accuracy / PPL): M=16
-0.54 / 9.5, M=64 0.78 / 2.5, against 0.41 / 28-29 from the empty memory; plain greedy decoding loops at small M.
+Measured numbers of the shipped checkpoints live next to their runs, in ``results/r3mem/README.md``.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ import torch.nn.functional as F
 
 from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
 from r3mem_bench.errors import UserError
-from r3mem_bench.method import MemoryItem, MemoryMethod, tensor_bytes
+from r3mem_bench.method import Answer, AnswerNLL, MemoryItem, MemoryMethod, tensor_bytes
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
 
@@ -140,8 +142,9 @@ RUN_DEFAULTS = {
     "train_memory_probs": [0.2, 0.5, 0.2, 0.1], "level_probs": [0.6, 0.2, 0.2], "w_lm": 1.0, "w_kl": 1.0,
     "w_recon": 1.0, "w_cycle": 0.2, "lr_compress_scale": 0.3, "top_k": 3, "max_entities": 32,
     "entity_extractor": "capitalised", "max_item_tokens": 512, "recon_max_tokens": 160, "save_dtype": "float16",
-    "recon_warmup_steps": 0, "recon_no_repeat_ngram": 0,
+    "recon_warmup_steps": 0, "recon_no_repeat_ngram": 0, "qa_reader": "reconstruct",
 }
+QA_READERS = ("reconstruct", "memory")
 LEVELS = ("document", "paragraph", "entity")
 
 
@@ -228,6 +231,9 @@ class R3Mem(MemoryMethod):
         if self.cfg["slot_layout"] != "append" and self.cfg["reader"] == "compress":
             raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']} puts slots inside the text the compress pass reads; "
                             "fix: use reader=expand with it, or slot_layout=append")
+        if self.cfg["qa_reader"] not in QA_READERS:
+            raise UserError(f"r3mem: qa_reader={self.cfg['qa_reader']!r}; fix: use qa_reader=reconstruct (reconstructions "
+                            "in the prompt) or qa_reader=memory (the answer reads the memories' key/values)")
         if not 1 <= self.M <= int(self.cfg["max_memory_tokens"]):
             raise UserError(f"r3mem: memory_tokens={self.M} but the checkpoint has {self.cfg['max_memory_tokens']} "
                             "slots; fix: use memory_tokens between 1 and that, or train with a larger max_memory_tokens")
@@ -670,7 +676,8 @@ class R3Mem(MemoryMethod):
 
     def config(self) -> dict:
         """Options defining this method, with the checkpoint's identity."""
-        out = {"name": self.name, **{k: v for k, v in self.cfg.items() if not k.startswith(("w_", "lr_", "train_"))}}
+        out = {"name": self.name, **{k: v for k, v in self.cfg.items() if not k.startswith(("w_", "lr_", "train_"))
+                                     and not (k == "qa_reader" and v == "reconstruct")}}
         meta = getattr(self, "checkpoint_meta", None)
         if meta:
             out["checkpoint"] = {"path": str(self.options.get("checkpoint") or "shipped"),
@@ -741,12 +748,9 @@ class R3Mem(MemoryMethod):
         return scores
 
     @torch.no_grad()
-    def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
-        """Reconstruct the memories most relevant to ``question``; the reconstructions are the context."""
-        if not self.hierarchy:  # document level only: reconstruct the recurrent memory
-            if self.memory is None:
-                return "", []
-            return self.reconstruct(self.memory), []
+    def _choose(self, question: str) -> list[dict]:
+        """The bank entries for ``question``: the ``top_k`` paragraph memories by query likelihood, then up to two
+        entity memories whose name the question mentions."""
         paragraphs = [e for e in self.bank if e["kind"] == "paragraph"]
         scores = self._query_scores(question, [e["memory"] for e in paragraphs])
         k = int(self.cfg["top_k"])
@@ -754,7 +758,16 @@ class R3Mem(MemoryMethod):
         lowered = question.lower()
         named = [e for e in self.bank if e["kind"] == "entity"
                  and re.search(rf"\b{re.escape(e['key'].lower())}\b", lowered)]
-        chosen += named[:2]
+        return chosen + named[:2]
+
+    @torch.no_grad()
+    def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
+        """Reconstruct the memories most relevant to ``question``; the reconstructions are the context."""
+        if not self.hierarchy:  # document level only: reconstruct the recurrent memory
+            if self.memory is None:
+                return "", []
+            return self.reconstruct(self.memory), []
+        chosen = self._choose(question)
         if not chosen:
             return "", []
         memory = torch.stack([e["memory"] for e in chosen], dim=2).float()
@@ -762,6 +775,100 @@ class R3Mem(MemoryMethod):
         texts = [self.lm.tokenizer.decode(x) for x in self.reconstruct_ids(memory, caps)]
         ids = list(dict.fromkeys(i for e in chosen for i in e["ids"]))
         return "\n".join(t.strip() for t in texts if t.strip()), ids
+
+    # ---- QA: answering from the memories themselves (qa_reader=memory) --------------------------------------
+    @torch.no_grad()
+    def _answer_memory(self, question: str) -> tuple[torch.Tensor, list[str]]:
+        """The memory the answer reads [L,2,1,H,Mt,D] and the item ids behind it.
+
+        The chosen memories (``_choose``; the recurrent document memory without hierarchy), as many as fit in the
+        checkpoint's ``max_memory_tokens`` slots, side by side in rank order. With ``slot_positions=ordered``
+        memory j's slots are moved after memory j-1's (keys rotated by j*M), as the slots of one larger memory;
+        with ``collapsed`` every slot already sits at position 1.
+        """
+        if not self.hierarchy:
+            return (self.memory if self.memory is not None else self.empty_memory()), []
+        room = max(1, int(self.cfg["max_memory_tokens"]) // self.M)
+        chosen = self._choose(question)[:room]
+        if not chosen:
+            return self.empty_memory(), []
+        parts = []
+        for j, e in enumerate(chosen):
+            mem = e["memory"].float().unsqueeze(2)  # [L,2,1,H,M,D]
+            if j and self.cfg["slot_positions"] == "ordered":
+                mem = torch.stack([rotate_keys(mem[:, 0], j * self.M, self.rotary), mem[:, 1]], dim=1)
+            parts.append(mem)
+        return torch.cat(parts, dim=-2), list(dict.fromkeys(i for e in chosen for i in e["ids"]))
+
+    @torch.no_grad()
+    def _read_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor, int, list[str], int]:
+        """Run ``[BOS][memory][read marker][closed-book prompt]`` through the reading adapter.
+
+        Returns the logits [1, V] of the first answer token, the KV [L,2,1,H,P,D] after the prompt, the position of
+        the next token, the item ids behind the memory and the number of positions read.
+        """
+        from r3mem_bench.generation import HFGenerator
+
+        gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm, system=self.prompt.system)
+        memory, ids = self._answer_memory(question)
+        Mt = memory.shape[-2]
+        adapter = "expand" if self.cfg["reader"] == "expand" else "compress"
+        self._use(adapter)
+        prompt = torch.tensor([gen.encode(self.prompt.render(question=question, context=""))], device=self.lm.device)
+        read_marker = self.embed(torch.full((1, 1), self.bos, device=self.lm.device))  # [1, 1, d]
+        past = torch.cat([self._bos_kv(adapter, 1), memory], dim=-2)  # [L,2,1,H,1+Mt,D]
+        hidden, kv = self._forward(past, torch.cat([read_marker, self.embed(prompt)], dim=1), Mt + 1)
+        return (self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids,
+                1 + Mt + 1 + prompt.shape[1])
+
+    @torch.no_grad()
+    def answer(self, question: str, now: float | None = None) -> Answer:
+        """``qa_reader=reconstruct``: the shared prompt with the reconstructions as context. ``qa_reader=memory``:
+        greedy decoding from ``[BOS][memories][read marker][closed-book prompt]`` (no text context)."""
+        if self.cfg["qa_reader"] != "memory":
+            return super().answer(question, now=now)
+        logits, past, pos, ids, read = self._read_prompt(question)
+        max_new = int(getattr(self.generator, "max_new_tokens", 32))
+        out: list[int] = []
+        for _ in range(max_new):
+            nxt = int(logits.argmax(-1))
+            if nxt == self.eos:
+                break
+            out.append(nxt)
+            hidden, kv = self._forward(past, self.embed(torch.tensor([[nxt]], device=self.lm.device)), pos)
+            past, pos, logits = torch.cat([past, kv], dim=-2), pos + 1, self.lm_head(hidden[:, -1])
+        self.tokens_processed += read + len(out)
+        text = self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return Answer(text=text, retrieved_ids=ids, prompt_tokens=read, context="")
+
+    @torch.no_grad()
+    def answer_nll(self, question: str, texts: list[str], now: float | None = None,
+                   given: Answer | None = None) -> AnswerNLL | None:
+        """Mean per-token NLL of each text as the answer: after the shared prompt with the reconstructions
+        (``qa_reader=reconstruct``) or after ``[BOS][memories][read marker][closed-book prompt]`` (``memory``)."""
+        if self.cfg["qa_reader"] != "memory":
+            return self.prompt_answer_nll(question, texts, now=now, given=given)
+        from r3mem_bench.generation import HFGenerator
+
+        gen = self.generator if hasattr(self.generator, "continuation_ids") else HFGenerator(self.lm)
+        last, past, pos, ids, read = self._read_prompt(question)
+        if given is None:
+            self.tokens_processed += read
+        nll, counts = [], []
+        for text in texts:
+            cont = gen.continuation_ids(text)[: self.lm.max_length // 2]
+            if not cont:
+                nll.append(float("nan"))
+                counts.append(0)
+                continue
+            target = torch.tensor([cont], device=self.lm.device)  # [1, C]
+            logits = last.unsqueeze(1)  # [1, 1, V]
+            if len(cont) > 1:
+                hidden, _ = self._forward(past, self.embed(target[:, :-1]), pos)
+                logits = torch.cat([logits, self.lm_head(hidden)], dim=1)
+            nll.append(float(F.cross_entropy(logits[0].float(), target[0], reduction="sum")) / len(cont))
+            counts.append(len(cont))
+        return AnswerNLL(nll, counts, read, ids, "")
 
     # ---- diagnostics -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -822,6 +929,16 @@ class R3MemNoCycle(R3Mem):
     description = "R3Mem trained without reconstruction/cycle losses (needs its own `train --method r3mem_no_cycle`)"
     loss_overrides = {"w_recon": 0.0, "w_cycle": 0.0}
     own_weights = True
+
+
+@register_method
+class R3MemKV(R3Mem):
+    """R3Mem answering from the retrieved memories' key/values (``qa_reader=memory``), not their reconstructions."""
+
+    name = "r3mem_kv"
+    families = ("rag", "dialogue")
+    description = "R3Mem's QA answer read directly from the retrieved memories' key/values (no reconstruction)"
+    preset_options = {"qa_reader": "memory"}
 
 
 @register_method

@@ -286,10 +286,18 @@ class Report:
                 for method in self.methods:
                     cell = self.cell(model, task, method)
                     if cell:
-                        label = [task] + self._row_label(model, method) + [str(cell.n)]
+                        label = [task] + self._row_label(model, method) + [self._n_label(cell)]
                         rows.append((label, [self.stat(cell, m) for m in metrics]))
         labels = ["task"] + (["model"] if len(self.models) > 1 else []) + ["method", "n"]
-        return Table(family, f"{family}: quality and cost", labels, list(metrics), rows)
+        note = ("n: questions scored; '(gen k)': generated answers (EM/F1) on the first k of them, answer "
+                "likelihood on all (task parameter generate_questions).") if family != "lm" else ""
+        return Table(family, f"{family}: quality and cost", labels, list(metrics), rows, note)
+
+    @staticmethod
+    def _n_label(cell) -> str:
+        """The cell's n, with the count of generated answers when only some questions generated."""
+        generated = sum(1 for rows in (cell.rows or []) for r in rows if "em" in r.get("metrics", {}))
+        return f"{cell.n} (gen {generated})" if 0 < generated < cell.n else str(cell.n)
 
     def position_table(self) -> Table | None:
         """LM perplexity at each segment index (tokens of history before it), per (task, method)."""

@@ -207,9 +207,30 @@ def test_generate_false_scores_likelihood_only(tiny_lm):
         fam.evaluate(task, _AnswerOnly(tiny_lm), examples, rows.append)
 
 
+def test_generate_questions_generates_for_the_first_k_and_scores_likelihood_for_all(tiny_lm):
+    task, fam, examples = _needle(tiny_lm, generate_questions=2)
+    gold_of = {ex["question"]: ex["answers"][0] for ex in examples}
+    rows = []
+    stub = _Stub(tiny_lm, "forced", gold_of)
+    asked = []
+    stub.answer = lambda question, now=None: asked.append(question) or Answer("x", stub.ids[:1], prompt_tokens=3)
+    fam.evaluate(task, stub, examples, rows.append)
+    first = [ex["question"] for ex in task.data["questions"][:2]]
+    assert asked == first and len(rows) == len(examples) > 2
+    assert [r["question"] for r in rows if "em" in r["metrics"]] == first
+    assert all("answer_nll" in r["metrics"] for r in rows)
+    assert [r["prediction"] for r in rows].count("x") == 2
+    resumed = []  # a resumed run (the first question done) still generates for the second only
+    asked.clear()
+    fam.evaluate(task, stub, examples[1:], resumed.append)
+    assert asked == first[1:]
+
+
 def test_bad_scoring_params_are_one_line_errors(tiny_lm):
     for params, needle in (({"normalization": "nfkc"}, "normalization"), ({"generate": False, "likelihood": False},
-                                                                          "both false")):
+                                                                          "both false"),
+                           ({"generate_questions": -1}, "generate_questions"),
+                           ({"generate_questions": 4, "likelihood": False}, "generate_questions")):
         (task,) = TaskRegistry().resolve("needle", {"n_corpora": 1, **params})
         with pytest.raises(UserError, match=needle):
             get_family("rag").examples(task, None, tiny_lm.tokenizer)

@@ -107,6 +107,14 @@ def test_bad_input_one_line_exit_2(tmp_path, args, needle):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, needle", [(["report"], "Missing argument"), (["run", "--task"], "requires an argument"),
+                                          (["run", "--no-such-option"], "No such option")])
+def test_usage_errors_are_exit_2_not_internal_errors(args, needle):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "internal error" not in proc.stderr + proc.stdout
+
+
 def test_bad_task_yaml_names_the_field(tmp_path):
     (tmp_path / "bad.yaml").write_text("task: mine\nfamily: lm\ndataset: {loader: pydoc}\nparamz: {}\n")
     proc = run_cli("list", "--include-path", str(tmp_path))

@@ -412,3 +412,55 @@ def test_checkpoints_without_slot_positions_load_as_trained():
     assert trained_arch({}, "slot_positions") == "ordered"  # no layout key: the append layout
     assert trained_arch({"slot_layout": "anchored"}, "slot_positions") == "collapsed"
     assert trained_arch({"slot_layout": "anchored", "slot_positions": "ordered"}, "slot_positions") == "ordered"
+
+
+def test_memory_reader_answers_from_the_chosen_memories(tiny_lm):
+    """qa_reader=memory: the answer's likelihood is read after the chosen memories' key/values (not text), and the
+    cached continuation equals one uncached pass over the same sequence."""
+    from r3mem_bench.generation import HFGenerator, PromptTemplate
+
+    gen = HFGenerator(tiny_lm, max_new_tokens=3)
+    torch.manual_seed(0)
+    m = get_method_class("r3mem")(tiny_lm, {"untrained": True, "max_memory_tokens": 8, "memory_tokens": 4,
+                                            "segment_len": 16, "top_k": 2, "qa_reader": "memory"},
+                                  generator=gen, prompt=PromptTemplate())
+    with torch.no_grad():  # live adapters, so the memories differ from the empty one
+        for n, p in m.net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    m._cache = {}
+    items = [MemoryItem("p1", "The vault code is 4417 and only Ada knows it."),
+             MemoryItem("p2", "Bananas are yellow fruits that grow in tropical places."),
+             MemoryItem("p3", "The river floods every spring near the old mill.")]
+    m.reset()
+    m.ingest(items)
+    question, texts = "What is the vault code?", ["4417", "9000 and more"]
+    scored = m.answer_nll(question, texts)
+    memory, ids = m._answer_memory(question)
+    assert memory.shape[-2] == 8 and len(ids) == 2 and scored.retrieved_ids == ids  # two 4-slot memories fit in 8
+    # the same sequence in one uncached pass: [BOS][memories][read marker][prompt][answer]
+    prompt = gen.encode(m.prompt.render(question=question, context=""))
+    for text, nll in zip(texts, scored.nll):
+        cont = gen.continuation_ids(text)
+        seq = torch.tensor([prompt + cont])
+        m._use("expand")
+        past = torch.cat([m._bos_kv("expand", 1), memory], dim=-2)
+        embeds = torch.cat([m.embed(torch.full((1, 1), m.bos)), m.embed(seq[:, :-1])], dim=1)
+        hidden, _ = m._forward(past, embeds, memory.shape[-2] + 1)
+        logits = m.lm_head(hidden)[:, len(prompt):]  # hidden i predicts seq[i]: the answer starts at len(prompt)
+        direct = float(torch.nn.functional.cross_entropy(logits[0], torch.tensor(cont)))
+        assert abs(direct - nll) < 1e-4
+    # the memories matter: with every stored memory emptied the same texts score differently
+    empty = m.empty_memory()[:, :, 0].half()
+    for e in m.bank:
+        e["memory"] = empty.clone()
+    assert max(abs(a - b) for a, b in zip(m.answer_nll(question, texts).nll, scored.nll)) > 1e-4
+    # the answer reads the same positions: BOS, the memories' slots, the read marker, the prompt
+    ans = m.answer(question)
+    assert ans.retrieved_ids and ans.context == "" and ans.prompt_tokens == 1 + 8 + 1 + len(prompt)
+
+
+def test_qa_reader_is_validated_and_default_keeps_config(tiny_lm):
+    with pytest.raises(UserError, match="qa_reader"):
+        make(tiny_lm, qa_reader="peek")
+    assert "qa_reader" not in make(tiny_lm).config() and make(tiny_lm, qa_reader="memory").config()["qa_reader"] == "memory"

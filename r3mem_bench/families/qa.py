@@ -28,6 +28,10 @@ Per-question metrics, under the task params ``generate`` (default true), ``likel
 
 ``generate: false`` skips generation (prediction ``""``, no EM/F1): the row's prompt tokens, retrieved ids and
 ``answer_s`` then come from the likelihood pass, and ``tokens_processed`` counts the prompt it read.
+``generate_questions: N`` (N > 0) generates only for the first N questions of the task in asking order (the same
+questions for every method, and on resume) and scores the likelihood of all of them, so a suite can rank methods
+by answer likelihood on hundreds of questions while generating for a subset its time budget allows; the report
+states each metric's n.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from r3mem_bench.metrics import NORMALIZATIONS, best_over, is_abstention, retrie
 
 QA_PARAMS = {"max_new_tokens": 32, "prompt_template": "", "closed_book_template": "", "system_prompt": "",
              "top_k": 5, "memory_budget": 0, "max_questions": 0, "seed": 0, "generate": True, "likelihood": True,
-             "normalization": "official"}
+             "normalization": "official", "generate_questions": 0}
 
 
 def asking_order(questions: list[dict]) -> list[dict]:
@@ -127,6 +131,12 @@ class QAFamily(Family):
         if not p.get("generate", True) and not p.get("likelihood", True):
             raise UserError(f"task '{task.name}': parameters 'generate' and 'likelihood' are both false, so nothing "
                             "is scored; fix: set one of them to true")
+        if int(p.get("generate_questions") or 0) < 0:
+            raise UserError(f"task '{task.name}': parameter 'generate_questions' must be >= 0 (0: every question); "
+                            "fix: give a count such as 32")
+        if p.get("generate_questions") and not p.get("likelihood", True):
+            raise UserError(f"task '{task.name}': 'generate_questions' scores the other questions by likelihood only, "
+                            "but 'likelihood' is false; fix: set likelihood: true or drop generate_questions")
         if p.get("judge") and not p.get("generate", True):
             raise UserError(f"task '{task.name}': parameter 'judge' needs generated answers but 'generate' is false; "
                             "fix: set generate: true or leave judge empty")
@@ -184,6 +194,9 @@ class QAFamily(Family):
         replay = getattr(method, "replay", None)
         todo = {ex["id"] for ex in examples}
         generate, likelihood = task.params.get("generate", True), task.params.get("likelihood", True)
+        n_gen = int(task.params.get("generate_questions") or 0)
+        generated = ({q["id"] for q in task.data.get("questions", examples)[:n_gen]} if generate and n_gen > 0
+                     else None)  # None: every question generates (when ``generate``)
         for cid, questions in groups.items():
             asked = [q for q in task.data.get("questions", ()) if q["corpus_id"] == cid] if replay else []
             position = {q["id"]: i for i, q in enumerate(asked)}
@@ -207,7 +220,8 @@ class QAFamily(Family):
                 method.begin(ex["id"])
                 before = method.tokens_processed
                 t1 = time.perf_counter()
-                ans = method.answer(ex["question"], now=ex.get("now")) if generate else None
+                gen_this = generate and (generated is None or ex["id"] in generated)
+                ans = method.answer(ex["question"], now=ex.get("now")) if gen_this else None
                 answer_s = time.perf_counter() - t1
                 lik_metrics, lik_extra, lik = {}, {}, None
                 if likelihood:
@@ -226,7 +240,7 @@ class QAFamily(Family):
                     "prompt_tokens": ans.prompt_tokens, "tokens_processed": method.tokens_processed - before,
                     "answer_s": answer_s, "ingest_s": ingest_s, "ingest_tokens": ingest_tokens,
                     "state_bytes": state, "corpus_tokens": corpus_tokens, **lik_extra,
-                    "metrics": {**self._score(ex, ans, method, task.params, generate), **lik_metrics},
+                    "metrics": {**self._score(ex, ans, method, task.params, gen_this), **lik_metrics},
                 })
                 if progress:
                     progress(ans.prompt_tokens)
