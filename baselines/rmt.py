@@ -66,6 +66,7 @@ import torch.nn.functional as F
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
+from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
@@ -73,7 +74,6 @@ from r3mem_bench.scoring import token_nll
 CONFIG_FILE = "rmt_config.json"
 MEMORY_FILE = "memory.safetensors"
 ADAPTER_DIR = "adapter"
-SHIPPED = Path(__file__).resolve().parents[1] / "results" / "checkpoints"
 
 
 def _int_list(value) -> list[int]:
@@ -264,20 +264,10 @@ class RMT(MemoryMethod):
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def _checkpoint_dir(self, given) -> Path | None:
         """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model, if any."""
-        if given:
-            path = Path(given)
-            if not (path / CONFIG_FILE).is_file():
-                raise UserError(f"--checkpoint {path}: no {CONFIG_FILE} there, so it is not an RMT checkpoint; "
-                                "fix: give a directory written by `r3mem-bench train --method rmt`")
-            return path
-        if self.options.get("untrained") or self.for_training:
+        if not given and (self.options.get("untrained") or self.for_training):
             return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
-        shipped = self.shipped_checkpoint(self.lm.name)
-        if shipped is None:
-            raise UserError(f"{self.name}: no trained checkpoint for model '{self.lm.name}'; fix: train one with "
-                            f"`r3mem-bench train --method rmt --model {self.lm.name} --output DIR` and pass "
-                            "--checkpoint DIR (or --method-arg untrained=true for the untrained control)")
-        return shipped
+        return resolve_checkpoint("rmt", given, CONFIG_FILE, None if given else self.shipped_checkpoint(self.lm.name),
+                                  self.lm.name, " (or --method-arg untrained=true for the untrained control)")
 
     @classmethod
     def shipped_checkpoint(cls, model: str) -> Path | None:
@@ -332,9 +322,7 @@ class RMT(MemoryMethod):
         with torch.no_grad():
             self.memory.copy_(memory.to(self.memory.device, self.memory.dtype))
         digest = hashlib.sha256(adapter_blob + memory_blob).hexdigest()[:16]
-        # a shipped checkpoint is named relative to the package, so a run's config does not depend on the checkout
-        shipped = path.resolve().parent == SHIPPED.resolve()
-        self.checkpoint_id = f"{'shipped/' + path.name if shipped else path}@{digest}"
+        self.checkpoint_id = f"{checkpoint_name(path, SHIPPED)}@{digest}"  # the same in every checkout
 
     def config(self) -> dict:
         """Options plus the resolved checkpoint (path and content hash) and architecture settings."""

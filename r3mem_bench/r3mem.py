@@ -111,12 +111,12 @@ import torch.nn.functional as F
 from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, MemoryItem, MemoryMethod, tensor_bytes
+from r3mem_bench.methods.checkpoints import SHIPPED, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
 
 CHECKPOINT_FORMAT = "r3mem-checkpoint/1"
 WEIGHTS, META = "r3mem.safetensors", "r3mem.json"
-SHIPPED = Path(__file__).resolve().parent.parent / "results" / "checkpoints"
 
 # Options: architecture (fixed by a checkpoint) and behaviour (free at run time).
 ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear",
@@ -598,19 +598,8 @@ class R3Mem(MemoryMethod):
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _checkpoint_dir(self, given: str | None) -> Path:
         """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model."""
-        if given:
-            path = Path(given)
-            if not (path / META).exists():
-                raise UserError(f"--checkpoint {path}: no {META} there; fix: pass a directory written by "
-                                "`r3mem-bench train --method r3mem`")
-            return path
-        path = self.shipped_checkpoint(self.lm.name)
-        if path is None:
-            path = SHIPPED / f"r3mem-{self.lm.name}"
-            raise UserError(f"r3mem: no trained checkpoint for model '{self.lm.name}' (looked in {path}); fix: "
-                            f"train one with `r3mem-bench train --method r3mem --model {self.lm.name} --output DIR` "
-                            "and pass --checkpoint DIR")
-        return path
+        return resolve_checkpoint("r3mem", given, META, None if given else self.shipped_checkpoint(self.lm.name),
+                                  self.lm.name)
 
     @classmethod
     def shipped_checkpoint(cls, model: str) -> Path | None:
