@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.families import get_family
+from r3mem_bench.ingest_cache import IngestCache
 from r3mem_bench.methods import get_method_class
 from r3mem_bench.models import load_model
 from r3mem_bench.provenance import git_commit, library_versions, machine
@@ -108,6 +110,8 @@ def run(cfg: RunConfig) -> list[Path]:
             examples_cache[task.name] = examples[: cfg.limit] if cfg.limit else examples
         examples = examples_cache[task.name]
         method = build_method(cfg, task, method_name, lm)
+        method.ingest_cache = IngestCache.for_run(cfg.output, log=_stderr)  # shared by every cell of the run
+        method.ingest_log = None if cfg.quiet else _stderr
         preflight(lm, task, method, examples)
         prepared.append((task, method_name, family, examples, method))
     dirs = []
@@ -205,6 +209,11 @@ def preflight(lm, task: Task, method, examples: list[dict]) -> dict | None:
     return {"doc_tokens": doc_tokens, "tokens": tokens, "batch": batch, "bytes": need, "available": have}
 
 
+def _stderr(message: str) -> None:
+    """Progress and warnings of long steps (ingest), one line each, on stderr like the suite's cell lines."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _make_output(output: str) -> None:
     try:
         Path(output).mkdir(parents=True, exist_ok=True)
@@ -224,6 +233,20 @@ def example_delay_seconds() -> float:
         raise UserError(f"{TEST_DELAY_ENV}={value!r}: not a number of seconds; fix: unset it") from None
 
 
+KILL_AFTER_ENV = "R3MEM_BENCH_KILL_AFTER_ROWS"
+
+
+def kill_after_rows() -> int:
+    """Check-only hook: SIGKILL this process right after it stores row N of a cell (``R3MEM_BENCH_KILL_AFTER_ROWS``).
+
+    Set only by ``check-method``'s SIGKILL-resume check (``r3mem_bench.conformance``): a cell that already had N
+    rows when the process started never reaches the N-th row here, so each rerun gets past one more cell."""
+    value = os.environ.get(KILL_AFTER_ENV, "")
+    if value and not (value.isdigit() and int(value) > 0):
+        raise UserError(f"{KILL_AFTER_ENV}={value!r}: not a positive number of rows; fix: unset it")
+    return int(value) if value else 0
+
+
 def _evaluate_cell(cfg: RunConfig, family, task: Task, method, todo: list[dict], store: RunStore) -> None:
     """Run one cell's remaining examples with a progress bar; each finished row is stored at once."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -231,12 +254,17 @@ def _evaluate_cell(cfg: RunConfig, family, task: Task, method, todo: list[dict],
     stats = {"tokens": 0, "t0": time.perf_counter()}
 
     delay = example_delay_seconds()
+    kill_after = kill_after_rows()
 
     def emit(row: dict) -> None:
         row["method"], row["task"] = method.name, task.name
         if delay:
             time.sleep(delay)
         store.append(row)
+        if kill_after and len(store.rows) == kill_after:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         bar.update(job, advance=1)
 
     def tokens(n: int) -> None:

@@ -85,7 +85,3 @@ def test_single_kind_and_pydoc_filler():
 def test_bad_parameters_are_user_errors(kwargs, msg):
     with pytest.raises(UserError, match=msg):
         generate(**{"n_corpora": 1, **kwargs})
-
-
-def test_kinds_constant():
-    assert KINDS == ("single", "multikey", "multihop")

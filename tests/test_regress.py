@@ -97,7 +97,8 @@ def test_changed_model_or_data_is_refused(workdir, capsys, monkeypatch):
     code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref))
     assert code == 2 and "different setup" in out and "model differs" in out, out
     code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(other), "--reference", str(ref), "--force")
-    assert code in (0, 1) and "warning (--force)" in out
+    # compared anyway: the reference's model is a saved copy of tiny-random, so the numbers match and it passes
+    assert code == 0 and "warning (--force)" in out
     doc = workdir / "doc.jsonl"
     doc.write_text(doc.read_text().replace("cat", "cow"))
     code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", str(suite), "--reference", str(ref))

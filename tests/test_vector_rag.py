@@ -37,7 +37,7 @@ def test_dense_and_sparse_indexes_find_the_right_passage():
     for q in questions:
         qv = embed([q["question"]])[0]
         assert ids[flat.search(qv, 1)[0][0]] == q["gold_ids"][0]
-        assert flat.search(qv, 3) == hnsw.search(qv, 3) or ids[hnsw.search(qv, 1)[0][0]] == q["gold_ids"][0]
+        assert [i for i, _ in flat.search(qv, 3)] == [i for i, _ in hnsw.search(qv, 3)]  # exact at this size
     assert ids[sparse.search("Guido van Rossum programming language", 1)[0][0]] == "p-python"
     assert sparse.search("zzzz qqqq", 3) == []
     assert flat.nbytes() >= vecs.nbytes and sparse.nbytes() > 0
