@@ -33,14 +33,14 @@ from r3mem_bench.store import MANIFEST, RESULTS, check_manifest, read_rows
 
 HEADLINE = {"lm": ("ppl_after_first", "bits_per_byte"), "rag": ("f1", "em", "recall", "answer_nll", "choice_acc"),
             "dialogue": ("f1", "recall", "answer_nll", "choice_acc")}
-QUALITY = {"lm": ("ppl", "ppl_after_first", "bits_per_byte"),
+QUALITY = {"lm": ("ppl", "ppl_after_first", "ppl_beyond_16", "ppl_beyond_64", "bits_per_byte"),
            "rag": ("em", "f1", "contains", "recall", "answer_nll", "choice_acc"),
            "dialogue": ("em", "f1", "contains", "recall", "answer_nll", "choice_acc")}
 COSTS = {"lm": ("tokens_processed", "seconds_per_segment", "state_bytes"),
          "rag": ("tokens_processed", "prompt_tokens", "answer_s", "ingest_s", "state_bytes",
                  "bytes_per_1k_corpus_tokens"),
          "dialogue": ("tokens_processed", "prompt_tokens", "answer_s", "ingest_s", "state_bytes")}
-_LOWER = re.compile(r"^(ppl|ppl_after_first|bits_per_byte|latency.*|seconds_per_segment|.*_s|tokens_processed|"
+_LOWER = re.compile(r"^(ppl|ppl_after_first|ppl_beyond_\d+|bits_per_byte|latency.*|seconds_per_segment|.*_s|tokens_processed|"
                     r"prompt_tokens|state_bytes|bytes_per_1k_corpus_tokens|answer_nll(/.*)?)$")
 _HIGHER = re.compile(r"^(em|f1|contains|recall|abstention|abstention_acc|choice_acc)(/.*)?$")
 MAX_POSITIONS = 12  # segment columns in the LM position table

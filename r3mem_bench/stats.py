@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats as sstats
 
 LN2 = math.log(2.0)
-LM_RATIO_METRICS = ("ppl", "ppl_after_first", "bits_per_byte")
+LM_RATIO_METRICS = ("ppl", "ppl_after_first", "bits_per_byte", "ppl_beyond_16", "ppl_beyond_64")
 QA_SCORE_METRICS = ("em", "f1", "contains", "recall", "abstention", "abstention_acc", "answer_nll", "choice_acc")
 
 
@@ -56,11 +56,17 @@ def supports(family: str, metric: str) -> bool:
 
 def lm_units(rows: Iterable[dict], metric: str, warmup: int = 0, unit: str = "document") -> Sample:
     """Units of an LM metric: per document or per segment, over the segments the metric scores."""
-    start = max(1, warmup) if metric == "ppl_after_first" else warmup
+    beyond = metric.removeprefix("ppl_beyond_") if metric.startswith("ppl_beyond_") else None
+    start = max(1, warmup) if metric == "ppl_after_first" or beyond else warmup
     ids, num, den = [], [], []
     for r in rows:
-        nll = r["segment_nll_sum"][start:]
-        den_src = r["segment_bytes"][start:] if metric == "bits_per_byte" else r["segment_tokens"][start:]
+        if beyond is not None:  # tokens at in-segment offsets >= W (rows without the tail sums have no units)
+            if beyond not in (r.get("segment_tail_tokens") or {}):
+                continue
+            nll, den_src = r["segment_tail_nll_sum"][beyond][start:], r["segment_tail_tokens"][beyond][start:]
+        else:
+            nll = r["segment_nll_sum"][start:]
+            den_src = r["segment_bytes"][start:] if metric == "bits_per_byte" else r["segment_tokens"][start:]
         scale = 1 / LN2 if metric == "bits_per_byte" else 1.0
         if unit == "segment":
             for i, (s, d) in enumerate(zip(nll, den_src), start):

@@ -147,3 +147,47 @@ def test_full_context_not_worse_than_no_memory_is_checked_on_same_segments(tiny_
         assert rows["full_context"][key] == rows["no_memory"][key]
     # the first segment has the same context (prefix token only) under both methods
     assert rows["full_context"]["segment_nll_sum"][0] == pytest.approx(rows["no_memory"]["segment_nll_sum"][0], rel=1e-5)
+
+
+class _OffsetNLL:
+    """A stand-in method whose NLL of the token at in-segment offset i is 1 + i / 100 (and 9 in segment 0)."""
+
+    name = "offset_nll"
+    tokens_processed = 0
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def begin(self, key):
+        pass
+
+    def reset(self):
+        pass
+
+    def score_stream(self, segments):
+        return [torch.full((len(s),), 9.0) if k == 0 else 1 + torch.arange(len(s), dtype=torch.float64) / 100
+                for k, s in enumerate(segments)]
+
+    def state_bytes(self):
+        return 0
+
+
+def test_ppl_beyond_w_scores_only_offsets_at_least_w_after_the_first_segment(tiny_lm):
+    (task,) = TaskRegistry().resolve("wikitext2", {"segment_len": 80, "max_tokens": 240})
+    fam = get_family("lm")
+    docs = fam.examples(task, None, tiny_lm.tokenizer)[:2]
+    rows = []
+    fam.evaluate(task, _OffsetNLL(tiny_lm), docs, rows.append)
+    agg = fam.aggregate(rows, task.params)
+    # segments 1 and 2 of each document (80 tokens each): offsets 16..79 -> mean NLL 1 + (16 + 79) / 2 / 100
+    assert agg["ppl_beyond_16"] == pytest.approx(math.exp(1 + 47.5 / 100))
+    assert agg["ppl_beyond_64"] == pytest.approx(math.exp(1 + 71.5 / 100))
+    assert agg["ppl_after_first"] == pytest.approx(math.exp(1 + 39.5 / 100))
+    from r3mem_bench import stats
+
+    doc = stats.lm_units(rows, "ppl_beyond_16")
+    assert doc.value() == pytest.approx(agg["ppl_beyond_16"]) and list(doc.den) == [128, 128]
+    seg = stats.lm_units(rows, "ppl_beyond_64", unit="segment")
+    assert seg.value() == pytest.approx(agg["ppl_beyond_64"]) and len(seg.ids) == 4
+    old = [{k: v for k, v in r.items() if not k.startswith("segment_tail")} for r in rows]  # rows from before
+    assert "ppl_beyond_16" not in fam.aggregate(old, task.params) and stats.lm_units(old, "ppl_beyond_16").ids == []

@@ -4,8 +4,9 @@ Protocol: a document is tokenized once (no special tokens), truncated to ``max_t
 segments of ``segment_len`` tokens. The method sees the segments in order (``MemoryMethod.score_stream``) and
 returns each token's NLL given its memory; the first token of a document is predicted from the model's document
 prefix token (recorded in the manifest). Segments before ``warmup_segments`` are fed but not scored.
-Metrics: token perplexity and bits per byte over scored segments, ``ppl_after_first`` over segments 1.., the
-NLL per segment index (position curve), tokens processed, peak memory-state bytes and seconds per segment.
+Metrics: token perplexity and bits per byte over scored segments, ``ppl_after_first`` over segments 1..,
+``ppl_beyond_<W>`` over the tokens of segments 1.. at in-segment offsets >= W (``BEYOND``), the NLL per segment
+index (position curve), tokens processed, peak memory-state bytes and seconds per segment.
 Bits per byte count the UTF-8 bytes of the scored segments: with ``warmup_segments`` 0 they add up to the
 document (cut after ``max_tokens`` tokens), which is what lm-eval divides by (``r3mem-bench export-lm-eval``).
 
@@ -33,6 +34,11 @@ from r3mem_bench.errors import UserError
 from r3mem_bench.families.base import Family, register_family
 
 LN2 = math.log(2.0)
+# In-segment offsets W of ``ppl_beyond_<W>``: the perplexity of the tokens that lie at least W tokens after their
+# segment's start (segments after the first), where a raw window of W tokens no longer reaches back into the
+# previous segment. 16 and 64: the equal-state windows of R3Mem's default 16-slot memory and of 4x that (a slot
+# holds one position's keys and values, as a token does, so on any model M slots = an M-token window).
+BEYOND = (16, 64)
 
 
 # ---- document loaders: each returns [{"id": str, "text": str}] -----------------------------------------------
@@ -309,10 +315,13 @@ class LMFamily(Family):
             elapsed = time.perf_counter() - t0
             seg_nll = [float(x.double().sum()) for x in nlls]
             seg_tok = [int(x.numel()) for x in nlls]
+            tail_nll = {str(w): [float(x[w:].double().sum()) for x in nlls] for w in BEYOND}
+            tail_tok = {str(w): [max(0, int(x.numel()) - w) for x in nlls] for w in BEYOND}
             states = list(getattr(method, "segment_state_bytes", []) or [method.state_bytes()])
             emit({
                 "id": doc["id"], "n_segments": len(segments), "segment_nll_sum": seg_nll, "segment_tokens": seg_tok,
-                "segment_bytes": seg_bytes, "tokens_processed": method.tokens_processed - before,
+                "segment_bytes": seg_bytes, "segment_tail_nll_sum": tail_nll, "segment_tail_tokens": tail_tok,
+                "tokens_processed": method.tokens_processed - before,
                 "state_bytes_peak": max(states), "state_bytes_series": states,
                 "latency_s": elapsed, "seconds_per_segment": elapsed / max(1, len(segments)),
                 "metrics": self.doc_metrics(seg_nll, seg_tok, seg_bytes, p["warmup_segments"]),
@@ -351,6 +360,12 @@ class LMFamily(Family):
             "state_bytes": float(max((r["state_bytes_peak"] for r in rows), default=0)),
             "seconds_per_segment": float(np.mean([r["seconds_per_segment"] for r in rows])) if rows else 0.0,
         }
+        for w in BEYOND:  # rows written before the tail sums existed have none: then the metric is absent
+            tails = [r for r in rows if str(w) in (r.get("segment_tail_tokens") or {})]
+            nll_t = sum(sum(r["segment_tail_nll_sum"][str(w)][after:]) for r in tails)
+            tok_t = sum(sum(r["segment_tail_tokens"][str(w)][after:]) for r in tails)
+            if tails and len(tails) == len(rows) and tok_t:
+                out[f"ppl_beyond_{w}"] = math.exp(nll_t / tok_t)
         return out
 
     @staticmethod
