@@ -36,6 +36,7 @@ from r3mem_bench.report import QUALITY, Report, ReportOptions, build_report, col
 
 FORMAT = "r3mem-bench-reference/1"
 DEFAULT_TOLERANCES = {"ppl": {"rel": 0.002}, "ppl_after_first": {"rel": 0.002}, "bits_per_byte": {"rel": 0.002},
+                      "ppl_beyond_16": {"rel": 0.002}, "ppl_beyond_64": {"rel": 0.002},
                       "em": {"abs": 0.02}, "f1": {"abs": 0.02}, "contains": {"abs": 0.02}, "recall": {"abs": 0.02}}
 
 
