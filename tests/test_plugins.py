@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from r3mem_bench.errors import UserError
 
 TINY = ["--model", "tiny-random", "--threads", "1"]
@@ -95,6 +95,107 @@ class Peeking(_Window):
 '''
 
 
+QA_PLUGIN = '''
+from r3mem_bench.method import MemoryMethod
+from r3mem_bench.methods import register_method
+
+
+@register_method
+class PlugRecent(MemoryMethod):
+    """The last two items of the corpus or conversation as the shared prompt's context, from a plugin file."""
+
+    name = "plug_recent"
+    families = ("rag", "dialogue")
+    description = "plugin: the last 2 items as context"
+
+    def reset(self):
+        self.items = []
+
+    def ingest(self, items):
+        self.items = (self.items + list(items))[-2:]
+
+    def retrieve(self, question, now=None):
+        return "\\n".join(item.text for item in self.items), [item.id for item in self.items]
+
+    def state_bytes(self):
+        return sum(len(item.text.encode("utf-8")) for item in self.items)
+'''
+
+BROKEN_PROPERTIES = '''
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from r3mem_bench.method import Answer
+from r3mem_bench.methods import register_method
+from r3mem_bench.methods.reference import NoMemory
+
+
+@register_method
+class GoldPeeker(NoMemory):
+    """Answers with the gold answer of the question record it finds in its callers' frames."""
+
+    name = "gold_peeker"
+    families = ("rag",)
+
+    def answer(self, question, now=None):
+        for info in inspect.stack():
+            ex = info.frame.f_locals.get("ex")
+            if isinstance(ex, dict) and ex.get("question") == question and ex.get("answers"):
+                return Answer(ex["answers"][0], [], 1)
+        return super().answer(question, now=now)
+
+
+@register_method
+class Unseeded(NoMemory):
+    """An offset drawn at construction from an unseeded generator: the same within a process, not across them."""
+
+    name = "unseeded"
+    families = ("lm",)
+
+    def __init__(self, lm, options=None, generator=None, prompt=None):
+        super().__init__(lm, {"window": 8, **(options or {})}, generator, prompt)
+        self.offset = float(np.random.default_rng().random()) * 1e-3
+
+    def score_stream(self, segments):
+        return [x + self.offset for x in super().score_stream(segments)]
+
+
+@register_method
+class LossyCheckpoint(NoMemory):
+    """Trainable, but its checkpoint keeps only one of its two tensors."""
+
+    name = "lossy_ckpt"
+    families = ("lm",)
+    trainable = True
+
+    def __init__(self, lm, options=None, generator=None, prompt=None):
+        super().__init__(lm, {"window": 8, **(options or {})}, generator, prompt)
+        self.shift = torch.nn.Parameter(torch.zeros(()))
+        self.gain = torch.nn.Parameter(torch.ones(()))
+        if self.options.get("checkpoint"):
+            self.load_checkpoint(self.options["checkpoint"])
+
+    def trainable_parameters(self):
+        return {"shift": self.shift, "gain": self.gain}
+
+    def score_stream(self, segments):
+        with torch.no_grad():
+            return [x * self.gain + self.shift for x in super().score_stream(segments)]
+
+    def save_checkpoint(self, directory, meta=None):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "lossy.json").write_text(json.dumps({"shift": self.shift.item()}))  # gain is lost
+
+    def load_checkpoint(self, directory):
+        with torch.no_grad():
+            self.shift.fill_(json.loads((Path(directory) / "lossy.json").read_text())["shift"])
+'''
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
@@ -110,29 +211,42 @@ def _one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
 
 
 def test_plugin_file_runs_and_appears_in_report(tmp_path):
-    plugin = _write(tmp_path / "plugins" / "plug.py", PLUGIN)
+    plugin = _write(tmp_path / "plugins" / "plug.py", PLUGIN + QA_PLUGIN)  # one file, an LM and a QA method
     out = tmp_path / "out"
     proc = run_cli("run", "--task", "wikitext2", "--method", "plug_window,no_memory", "--method-path", str(plugin),
                    "--limit", "1", "--max-tokens", "128", "--segment-len", "32", "--output", str(out), "--quiet",
                    *TINY)
     assert proc.returncode == 0, proc.stderr
+    # the default RAG and dialogue tasks (needle, persona), into the same output folder
+    proc = run_cli("run", "--task", "rag,dialogue", "--method", "plug_recent,no_memory", "--method-path", str(plugin),
+                   "--limit", "1", "--param", "max_new_tokens=4", "--output", str(out), "--quiet", *TINY)
+    assert proc.returncode == 0, proc.stderr
     rep = run_cli("report", str(out), "--format", "json")
     assert rep.returncode == 0, rep.stderr
-    records = {r["method"]: r for r in json.loads(rep.stdout)}
-    assert set(records) == {"plug_window", "no_memory"}
-    assert records["plug_window"]["n"] == 1 and records["plug_window"]["metrics"]["ppl"] > 1
+    records = {(r["task"], r["method"]): r for r in json.loads(rep.stdout)}
+    assert set(records) == {(t, m) for t, m in [("wikitext2", "plug_window"), ("wikitext2", "no_memory"),
+                                                 ("needle", "plug_recent"), ("needle", "no_memory"),
+                                                 ("persona", "plug_recent"), ("persona", "no_memory")]}
+    lm = {m: records[("wikitext2", m)] for m in ("plug_window", "no_memory")}
+    assert lm["plug_window"]["n"] == 1 and lm["plug_window"]["metrics"]["ppl"] > 1
     # the window is real: the plugin's numbers differ from no_memory's (window 0)
-    assert records["plug_window"]["metrics"]["ppl"] != records["no_memory"]["metrics"]["ppl"]
+    assert lm["plug_window"]["metrics"]["ppl"] != lm["no_memory"]["metrics"]["ppl"]
+    for task in ("needle", "persona"):
+        mine, closed_book = records[(task, "plug_recent")], records[(task, "no_memory")]
+        assert mine["n"] == 1 and {"em", "f1"} <= set(mine["metrics"]), mine
+        # its memory is real: two items of context make its prompts longer than the closed-book ones
+        assert mine["metrics"]["prompt_tokens"] > closed_book["metrics"]["prompt_tokens"]
     listing = run_cli("list", "--method-path", str(plugin.parent))  # a folder of plugin files
     assert listing.returncode == 0, listing.stderr
     assert "plug_window  [lm]  plugin: 16-token window" in listing.stdout
+    assert "plug_recent  [rag, dialogue]  plugin: the last 2 items as context" in listing.stdout
 
 
-def test_every_method_command_takes_method_path(tmp_path):
+def test_every_method_command_takes_method_path(tmp_path, capsys, monkeypatch):
     plugin = _write(tmp_path / "plug.py", PLUGIN)
     for cmd in ("run", "suite", "list", "regress", "train", "check-method"):
-        proc = run_cli(cmd, "--help")
-        assert "--method-path" in proc.stdout, cmd
+        code, text = invoke_cli(capsys, monkeypatch, cmd, "--help")  # in this process: --help loads nothing
+        assert code == 0 and "--method-path" in text, cmd
     # train finds the plugin (then refuses it: it has nothing to train)
     proc = run_cli("train", "--method", "plug_window", "--method-path", str(plugin), "--output",
                    str(tmp_path / "ck"), *TINY)
@@ -196,6 +310,10 @@ def test_new_method_passes_check_method_and_its_own_test(tmp_path, trainable):
         assert check.returncode == 0, check.stdout + check.stderr
         lines = check.stdout.strip().splitlines()
         assert sum(line.startswith("PASS") for line in lines) >= 15 and not any("FAIL" in line for line in lines)
+        # the SIGKILL-resume runs are fresh interpreters here (the default), which load the plugin file too
+        assert "PASS  same numbers after a SIGKILL-resume (lm, rag: killed after each cell's first row" in check.stdout
+        assert "PASS  rag: answers do not read the gold answer" in check.stdout
+        assert "SKIP  checkpoint round-trips" in check.stdout and "(1 not applicable)" in check.stdout
         dry = run_cli("suite", str(out / "my_memory_suite.yaml"), "--dry-run")
         assert dry.returncode == 0 and "\tmy_memory" in dry.stdout, dry.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -240,6 +358,105 @@ def test_check_method_fails_a_broken_method_naming_the_check(tmp_path):
     assert "PASS  lm: reset() makes documents independent" in peeking.stdout
     assert "FAIL  lm: no future tokens leak" in peeking.stdout and "reads tokens after it" in peeking.stdout
     assert "unknown method 'nope'" in _one_line_error(run_cli("check-method", "nope", *TINY))
+
+
+def test_check_method_fails_each_new_property_naming_it(tmp_path):
+    """A method that reads the gold answer, one whose numbers change from one process to the next, and a trainable
+    one whose checkpoint loses a tensor each fail their property (the runs of the SIGKILL-resume check are forks here;
+    the new-method test runs them in fresh interpreters)."""
+    plugin = _write(tmp_path / "broken_properties.py", BROKEN_PROPERTIES)
+
+    def check(name: str) -> subprocess.CompletedProcess:
+        proc = run_cli("check-method", name, "--method-path", str(plugin), "--processes", "fork", *TINY)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        return proc
+
+    peek = check("gold_peeker")
+    assert "PASS  rag: reset() makes histories independent" in peek.stdout
+    assert ("FAIL  rag: answers do not read the gold answer (golds replaced by a canary: same answers, retrieved ids, "
+            "candidate NLLs): question 'rag-q0': prediction changed when only its gold answer changed ('Quill' -> "
+            "'Ptarmigan 4471'): 'Quill' vs 'Ptarmigan 4471' (it is the canary") in peek.stdout
+    assert "rag: answers do not read the gold answer" in peek.stderr
+    assert "SKIP  same numbers after a SIGKILL-resume: not run: fix the failures above first" in peek.stdout
+    assert "SKIP  checkpoint round-trips" in peek.stdout and "n/a: the method is not trainable" in peek.stdout
+    unseeded = check("unseeded")
+    assert "PASS  lm: reset() makes documents independent" in unseeded.stdout  # stable within one process
+    assert "FAIL  same numbers after a SIGKILL-resume (lm: killed after each cell's first row" in unseeded.stdout
+    assert "conformance_lm/unseeded row 'doc0'" in unseeded.stdout
+    assert "the numbers depend on the process" in unseeded.stdout
+    assert "same numbers after a SIGKILL-resume" in unseeded.stderr
+    lossy = check("lossy_ckpt")
+    assert ("FAIL  checkpoint round-trips (save_checkpoint, a fresh instance with checkpoint=DIR: same tensors, "
+            "bitwise-identical NLLs): tensor 'gain' is not restored by load_checkpoint") in lossy.stdout
+    assert "checkpoint round-trips" in lossy.stderr
+
+
+VENV_PLUGIN = {
+    "pyproject.toml": '''
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "r3mem-venv-plugin"
+        version = "0.1.0"
+
+        [project.entry-points."r3mem_bench.methods"]
+        venv_window = "venv_plugin.methods"
+
+        [tool.setuptools.packages.find]
+        where = ["src"]
+    ''',
+    "src/venv_plugin/__init__.py": "",
+    "src/venv_plugin/methods.py": PLUGIN.replace("plug_window", "venv_window").replace("PlugWindow", "VenvWindow")
+                                        .replace("plugin: 16-token window", "installed plugin: 16-token window"),
+}
+
+
+def test_entry_point_plugin_in_a_fresh_venv(tmp_path):
+    """A separate plugin package, installed (editable, offline) into a new virtual environment that sees the
+    installed r3mem_bench and torch, is listed and runs the default LM task there, and its row is in the report."""
+    import importlib.util
+
+    from r3mem_bench.report import collect, render
+
+    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
+        pytest.skip("needs setuptools and pip in this interpreter's site-packages (they build the plugin offline)")
+    pkg = tmp_path / "pkg"
+    for rel, text in VENV_PLUGIN.items():
+        _write(pkg / rel, text)
+    venv = tmp_path / "venv"
+    # --without-pip: the venv's own (bundled, older) pip and setuptools would shadow the system ones; these come
+    # through --system-site-packages instead, like r3mem_bench and torch
+    made = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    python = str(venv / "bin" / "python")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("R3MEM_BENCH_METHOD_PATH", None)
+    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                              "-e", str(pkg)], capture_output=True, text=True, env=env, timeout=300)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    assert "venv_window" not in {ep.name for ep in importlib.metadata.entry_points(group="r3mem_bench.methods")}
+
+    def venv_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-m", "r3mem_bench.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=600, cwd=tmp_path)
+
+    listing = venv_cli("list")
+    assert listing.returncode == 0, listing.stderr
+    assert "venv_window  [lm]  installed plugin: 16-token window" in listing.stdout
+    out = tmp_path / "out"
+    proc = venv_cli("run", "--task", "lm", "--method", "venv_window", "--limit", "1", "--max-tokens", "128",
+                    "--segment-len", "32", "--output", str(out), "--quiet", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "venv_window" in proc.stdout  # the run's own report table
+    records = json.loads(render(collect([str(out)]), "json"))
+    assert [(r["task"], r["method"], r["n"]) for r in records] == [("wikitext2", "venv_window", 1)]
+    assert records[0]["metrics"]["ppl"] > 1
+    manifest = json.loads(next(out.rglob("manifest.json")).read_text())
+    assert manifest["method"] == "venv_window"
 
 
 def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
