@@ -146,6 +146,17 @@ RUN_DEFAULTS = {
 }
 QA_READERS = ("reconstruct", "memory")
 LEVELS = ("document", "paragraph", "entity")
+INGEST_CACHE_VERSION = 1  # bump when ingest's memories change for the same inputs: cached ones are recomputed
+INGEST_INDEX, INGEST_TENSORS = "r3mem-ingest-index", "r3mem-ingest-memories"  # kinds of the run's ingest cache
+
+
+def _valid_ingest(index, tensors) -> bool:
+    """Whether a cached index and its tensors describe one ingest (bank entries with their memories)."""
+    bank = index.get("bank") if isinstance(index, dict) else None
+    return (isinstance(bank, list) and isinstance(index.get("tokens"), int) and isinstance(tensors, dict)
+            and "document" in tensors and set(tensors) == {"document", *(f"bank/{i}" for i in range(len(bank)))}
+            and all(isinstance(e, dict) and isinstance(e.get("ids"), list) and e.get("kind") in ("paragraph", "entity")
+                    for e in bank))
 
 
 def rotate_keys(keys: torch.Tensor, shift: int | torch.Tensor, rotary) -> torch.Tensor:
@@ -687,10 +698,48 @@ class R3Mem(MemoryMethod):
             self.tokens_processed += 1 + chunk.shape[1] + self.M
         return memory, len(ids)
 
+    def _ingest_cache_parts(self, items: list[MemoryItem]) -> dict | None:
+        """What a cached ingest depends on (``r3mem_bench.ingest_cache``): the base model, the checkpoint's
+        digest, the options that shape the memories and the items; None (no caching) for untrained weights or a
+        bank that already holds memories."""
+        from r3mem_bench.ingest_cache import digest, model_id
+
+        if getattr(self, "ingest_cache", None) is None or not getattr(self, "checkpoint_digest", None) \
+                or self.memory is not None or self.bank:
+            return None
+        shape = ("memory_tokens", "segment_len", "max_item_tokens", "max_entities", "entity_extractor",
+                 "slot_layout", "slot_positions", "reader", "max_memory_tokens")
+        return {"version": INGEST_CACHE_VERSION, "method": type(self).__name__, "hierarchy": self.hierarchy,
+                "model": model_id(self.lm), "checkpoint": self.checkpoint_digest,
+                "options": {k: self.cfg[k] for k in shape}, "items": digest([[i.id, i.text] for i in items])}
+
     @torch.no_grad()
     def ingest(self, items: Iterable[MemoryItem]) -> None:
-        """Compress each item into a paragraph memory, frequent entities into entity memories, all into a document memory."""
+        """Compress each item into a paragraph memory, frequent entities into entity memories, all into a document
+        memory. With the run's ingest cache, the memories of the same items, checkpoint and options are read back
+        (and count the tokens they cost when they were computed) instead of computed again."""
         items = list(items)
+        parts = self._ingest_cache_parts(items)
+        if parts is not None:
+            index = self.ingest_cache.get(INGEST_INDEX, parts)
+            tensors = self.ingest_cache.get(INGEST_TENSORS, parts) if isinstance(index, dict) else None
+            if tensors is not None and _valid_ingest(index, tensors):
+                self.memory = tensors["document"]
+                self.bank = [{**e, "memory": tensors[f"bank/{i}"]} for i, e in enumerate(index["bank"])]
+                self.tokens_processed += int(index["tokens"])
+                return
+        before = self.tokens_processed
+        self._ingest(items)
+        if parts is not None:
+            tensors = {"document": self.memory.contiguous(),
+                       **{f"bank/{i}": e["memory"].contiguous() for i, e in enumerate(self.bank)}}
+            self.ingest_cache.put(INGEST_TENSORS, parts, tensors)  # tensors first: an index never points at nothing
+            self.ingest_cache.put(INGEST_INDEX, parts, {"tokens": self.tokens_processed - before, "bank": [
+                {k: v for k, v in e.items() if k != "memory"} for e in self.bank]})
+
+    @torch.no_grad()
+    def _ingest(self, items: list[MemoryItem]) -> None:
+        """``ingest`` computed: the recurrent document memory, then (hierarchy) paragraph and entity memories."""
         doc = self.memory if self.memory is not None else self.empty_memory()
         S = int(self.cfg["segment_len"])
         for item in items:

@@ -464,3 +464,38 @@ def test_qa_reader_is_validated_and_default_keeps_config(tiny_lm):
     with pytest.raises(UserError, match="qa_reader"):
         make(tiny_lm, qa_reader="peek")
     assert "qa_reader" not in make(tiny_lm).config() and make(tiny_lm, qa_reader="memory").config()["qa_reader"] == "memory"
+
+
+def test_ingest_is_cached_per_checkpoint_options_and_items(tiny_lm, tmp_path):
+    """With the run's ingest cache, a second ingest of the same items reads the memories back: no compress pass,
+    identical memories and bank, the same tokens counted; other items, options or weights are computed again."""
+    from r3mem_bench.ingest_cache import IngestCache
+
+    make(tiny_lm).save_checkpoint(tmp_path / "ckpt")
+    opts = {"checkpoint": str(tmp_path / "ckpt"), "max_memory_tokens": 8, "memory_tokens": 4, "segment_len": 16}
+    items = [MemoryItem("p1", "Marie Curie won the Nobel Prize in physics and chemistry in Paris."),
+             MemoryItem("p2", "The Eiffel Tower stands in Paris and Marie Curie lived in Paris.")]
+
+    def ingest(options, its, cache):
+        m = get_method_class("r3mem")(tiny_lm, options)
+        m.ingest_cache = cache
+        calls = []
+        real = m.compress
+        m.compress = lambda *a, **k: calls.append(1) or real(*a, **k)
+        m.reset()
+        m.ingest(its)
+        return m, len(calls)
+
+    cache = IngestCache(tmp_path / "cache")
+    cold, n_cold = ingest(opts, items, cache)
+    warm, n_warm = ingest(opts, items, cache)
+    assert n_cold > 0 and n_warm == 0 and cache.stats["hits"] >= 2
+    assert torch.equal(cold.memory, warm.memory) and warm.tokens_processed == cold.tokens_processed > 0
+    assert [{k: v for k, v in e.items() if k != "memory"} for e in cold.bank] == \
+           [{k: v for k, v in e.items() if k != "memory"} for e in warm.bank]
+    assert all(torch.equal(a["memory"], b["memory"]) for a, b in zip(cold.bank, warm.bank))
+    assert ingest(opts, items[:1], cache)[1] > 0  # other items
+    assert ingest({**opts, "memory_tokens": 2}, items, cache)[1] > 0  # other memory size
+    for f in (tmp_path / "cache").rglob("*.safetensors"):  # a damaged entry is recomputed, never trusted
+        f.write_bytes(f.read_bytes()[:-7] + b"garbage")
+    assert ingest(opts, items, cache)[1] > 0
