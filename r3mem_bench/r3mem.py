@@ -709,7 +709,7 @@ class R3Mem(MemoryMethod):
             return None
         shape = ("memory_tokens", "segment_len", "max_item_tokens", "max_entities", "entity_extractor",
                  "slot_layout", "slot_positions", "reader", "max_memory_tokens")
-        return {"version": INGEST_CACHE_VERSION, "method": type(self).__name__, "hierarchy": self.hierarchy,
+        return {"version": INGEST_CACHE_VERSION, "hierarchy": self.hierarchy,  # r3mem_kv reuses r3mem's memories
                 "model": model_id(self.lm), "checkpoint": self.checkpoint_digest,
                 "options": {k: self.cfg[k] for k in shape}, "items": digest([[i.id, i.text] for i in items])}
 
