@@ -127,3 +127,18 @@ def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tup
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def wait_child(proc, timeout: float) -> tuple[int, object, bool]:
+    """Wait for ``proc`` (a ``subprocess.Popen``) at most ``timeout`` seconds, killing it after that: its wait
+    status, its resource usage (``ru_maxrss`` is the child's peak RSS in KiB) and whether it timed out."""
+    deadline = time.time() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return status, usage, False
+        if time.time() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            return status, usage, True
+        time.sleep(0.2)

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, write_result
+from _common import setup, wait_child, write_result
 
 METHODS = "memorybank,vector_rag,r3mem,no_memory"
 CATEGORY_NUMBER = {"multi-hop": 1, "temporal": 2, "knowledge-update": 3, "single-hop": 4, "adversarial": 5}
@@ -205,18 +205,7 @@ def run_child(spec: dict, timeout: float) -> dict:
         cmd = [sys.executable, __file__, "--child", json.dumps({**spec, "result": str(result)})]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        deadline = time.time() + timeout
-        timed_out = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                timed_out = True
-                break
-            time.sleep(0.2)
+        status, usage, timed_out = wait_child(proc, timeout)
         out = json.loads(result.read_text()) if result.is_file() else {"method": spec["method"]}
     out.update(returncode=os.waitstatus_to_exitcode(status), timed_out=timed_out,
                wall_s=time.perf_counter() - t0, process_peak_rss_bytes=usage.ru_maxrss * 1024)
