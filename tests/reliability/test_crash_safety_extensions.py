@@ -10,15 +10,13 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 from reliability_helpers import all_rows, fork_cli, prepare_fork
 
 KILLS = 5
 
 
 def _need(module: str) -> None:
-    if importlib.util.find_spec(f"r3mem_bench.{module}") is None:
-        pytest.skip(f"r3mem_bench/{module}.py does not exist")
+    assert importlib.util.find_spec(f"r3mem_bench.{module}") is not None, f"r3mem_bench/{module}.py is missing"
 
 
 def _kill_repeatedly(argv: list[str], env: dict, seed: int, span: float, check) -> None:
@@ -81,8 +79,7 @@ def test_train_survives_sigkill(tmp_path):
     _need("train")
     from r3mem_bench.methods import all_methods
 
-    if "rmt" not in all_methods():
-        pytest.skip("no trainable method 'rmt' registered")
+    assert "rmt" in all_methods(), "the trainable method 'rmt' is not registered"
     prepare_fork()
     args = ["train", "--method", "rmt", "--model", "tiny-random", "--steps", "6", "--checkpoint-every", "2",
             "--segment-len", "32", "--segments", "2", "--warmup", "1", "--threads", "1", "--quiet"]
