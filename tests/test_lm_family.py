@@ -133,7 +133,7 @@ def test_full_context_single_pass_and_windows(tiny_lm):
     assert win.tokens_processed > n + 1
 
 
-def test_full_context_not_worse_than_no_memory_is_checked_on_same_segments(tiny_lm):
+def test_full_context_and_no_memory_score_the_same_positions(tiny_lm):
     """Both methods score exactly the same token positions (the comparison is apples to apples)."""
     task = TaskRegistry().resolve("wikitext2", {"max_tokens": 80, "segment_len": 32, "max_documents": 1})[0]
     fam = get_family("lm")
