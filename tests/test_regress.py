@@ -60,10 +60,10 @@ def test_reference_holds_twice_and_writes_junit_and_summary(workdir, capsys, mon
         code, out = invoke_cli(capsys, monkeypatch, "regress", "--suite", suite, "--reference", str(ref),
                            "--junit", str(workdir / "j.xml"), "--summary", str(workdir / "s.md"))
         assert code == 0, out
-        assert "all 6 checks hold" in out  # ppl, ppl_after_first, bits_per_byte x 2 methods; no timing metric
+        assert "all 8 checks hold" in out  # ppl, ppl_after_first, ppl_beyond_16, bits_per_byte x 2 methods
     root = ET.parse(workdir / "j.xml").getroot()
-    assert root.get("tests") == "6" and root.get("failures") == "0"
-    assert "All 6 checks hold" in (workdir / "s.md").read_text()
+    assert root.get("tests") == "8" and root.get("failures") == "0"
+    assert "All 8 checks hold" in (workdir / "s.md").read_text()
 
 
 def test_degraded_model_is_a_regression(workdir, capsys, monkeypatch):
