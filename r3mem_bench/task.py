@@ -30,7 +30,7 @@ import yaml
 
 from r3mem_bench.errors import UserError
 
-SPEC_KEYS = {"task", "family", "default", "description", "dataset", "params", "sweep", "metrics", "tags"}
+SPEC_KEYS = {"task", "family", "default", "description", "dataset", "params", "sweep", "tags"}
 REQUIRED_KEYS = {"task", "family", "dataset"}
 
 

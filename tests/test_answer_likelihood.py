@@ -278,3 +278,11 @@ def test_smollm2_gold_passage_makes_the_gold_answer_likelier():
         with_passage = m["full_context"].answer_nll(q, [gold]).nll[0]
         closed_book = m["no_memory"].answer_nll(q, [gold]).nll[0]
         assert with_passage < closed_book - 1.0, (q, with_passage, closed_book)
+
+
+def test_task_yaml_keys_and_params_that_nothing_reads_are_refused(tmp_path):
+    (tmp_path / "t.yaml").write_text("task: my_needle\nfamily: rag\ndataset: {loader: needle}\nmetrics: [f1]\n")
+    with pytest.raises(UserError, match="metrics"):
+        TaskRegistry(include_paths=[str(tmp_path)]).resolve("my_needle")
+    with pytest.raises(UserError, match="unknown parameter 'top_k'"):  # retrieval depth is a method option
+        TaskRegistry().resolve("needle", {"top_k": 3})

@@ -49,7 +49,7 @@ from r3mem_bench.method import Answer, MemoryMethod
 from r3mem_bench.metrics import NORMALIZATIONS, best_over, is_abstention, retrieval_recall, squad_scorers
 
 QA_PARAMS = {"max_new_tokens": 32, "prompt_template": "", "closed_book_template": "", "system_prompt": "",
-             "top_k": 5, "memory_budget": 0, "max_questions": 0, "seed": 0, "generate": True, "likelihood": True,
+             "memory_budget": 0, "max_questions": 0, "seed": 0, "generate": True, "likelihood": True,
              "normalization": "official", "generate_questions": 0}
 
 
