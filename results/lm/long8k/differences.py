@@ -1,0 +1,46 @@
+"""Prints the paired differences and the halves comparison of results/lm/long8k/README.md from the committed runs.
+
+    python results/lm/long8k/differences.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from r3mem_bench import stats
+
+RUNS = Path(__file__).resolve().parent / "wikitext2"
+PAIRS = [("r3mem", "window@r3mem"), ("r3mem", "r3mem_reset"), ("rmt", "rmt_reset"), ("r3mem", "rmt")]
+
+
+def rows(method: str) -> list[dict]:
+    return [json.loads(line) for line in (RUNS / method / "results.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    for metric in ("ppl_after_first", "ppl_beyond_16", "ppl_beyond_64"):
+        for a, b in PAIRS:
+            for unit in ("segment", "document"):
+                d, lo, hi = stats.paired_bootstrap_diff(stats.lm_units(rows(a), metric, unit=unit),
+                                                        stats.lm_units(rows(b), metric, unit=unit))
+                print(f"{metric:16s} {a} - {b:13s} over {unit}s: {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    rng = np.random.default_rng(0)
+    for d in sorted(p for p in RUNS.iterdir() if p.is_dir()):
+        a = np.array([[sum(r["segment_nll_sum"][1:32]), sum(r["segment_tokens"][1:32]),
+                       sum(r["segment_nll_sum"][32:64]), sum(r["segment_tokens"][32:64])] for r in rows(d.name)])
+
+        def halves(x):  # perplexity of segments 33-64 minus that of segments 2-32
+            return math.exp(x[:, 2].sum() / x[:, 3].sum()) - math.exp(x[:, 0].sum() / x[:, 1].sum())
+
+        boots = [halves(a[rng.integers(0, len(a), len(a))]) for _ in range(2000)]
+        lo, hi = np.percentile(boots, [2.5, 97.5])
+        early, late = math.exp(a[:, 0].sum() / a[:, 1].sum()), math.exp(a[:, 2].sum() / a[:, 3].sum())
+        print(f"{d.name:14s} segments 2-32 {early:.2f}, 33-64 {late:.2f}: {late - early:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+
+
+if __name__ == "__main__":
+    main()
