@@ -1,6 +1,6 @@
 """``r3mem-bench train``: one generic, resumable, deterministic training loop for every trainable memory method.
 
-Interface a method implements to be trained (R3Mem in ``r3mem_bench/r3mem.py``, RMT in ``baselines/rmt.py``)
+Interface a method implements to be trained (R3Mem in ``r3mem_bench/r3mem/``, RMT in ``baselines/rmt.py``)
 -----------------------------------------------------------------------------------------------------------
 A ``MemoryMethod`` subclass with ``trainable = True`` and:
 

@@ -286,7 +286,7 @@ def test_legacy_checkpoint_without_reader_loads_as_compress_reader(tiny_lm, tmp_
 
 
 def test_ablations_prefer_their_own_shipped_checkpoint(tiny_lm, tmp_path, monkeypatch):
-    import r3mem_bench.r3mem as r3mem_module
+    import r3mem_bench.r3mem.model as r3mem_module
 
     m = trainee(tiny_lm)
     m.save_checkpoint(tmp_path / "r3mem-tiny-random", {"training": {"step": 1}})

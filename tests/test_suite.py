@@ -104,7 +104,7 @@ def test_cell_key_follows_the_shipped_weights(tmp_path, monkeypatch):
 
 
 def test_shipped_weights_id_hashes_the_weight_files(tmp_path, monkeypatch):
-    import r3mem_bench.r3mem as r3mem_module
+    import r3mem_bench.r3mem.model as r3mem_module
 
     ck = tmp_path / "r3mem-tiny"
     ck.mkdir()

@@ -1,0 +1,296 @@
+"""R3Mem in the QA families: hierarchical memories of a corpus or history (document, paragraph, entity), their
+retrieval by query likelihood and by name, and the two answering paths (reconstructions in the prompt, or the
+memories' keys and values read directly)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from r3mem_bench.entities import EXTRACTORS, entity_contexts
+from r3mem_bench.method import Answer, AnswerNLL, MemoryItem
+from r3mem_bench.r3mem.layout import rotate_keys
+from r3mem_bench.scoring import token_nll
+
+INGEST_CACHE_VERSION = 1  # bump when ingest's memories change for the same inputs: cached ones are recomputed
+INGEST_INDEX, INGEST_TENSORS = "r3mem-ingest-index", "r3mem-ingest-memories"  # kinds of the run's ingest cache
+
+
+def _valid_ingest(index, tensors) -> bool:
+    """Whether a cached index and its tensors describe one ingest (bank entries with their memories)."""
+    bank = index.get("bank") if isinstance(index, dict) else None
+    return (isinstance(bank, list) and isinstance(index.get("tokens"), int) and isinstance(tensors, dict)
+            and "document" in tensors and set(tensors) == {"document", *(f"bank/{i}" for i in range(len(bank)))}
+            and all(isinstance(e, dict) and isinstance(e.get("ids"), list) and e.get("kind") in ("paragraph", "entity")
+                    for e in bank))
+
+
+class QAMixin:
+    """Ingest, retrieval and answering of :class:`R3Mem` (the QA half of the ``MemoryMethod`` contract)."""
+
+    # ---- QA: ingest / retrieve ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _memory_of(self, text: str, cap: int | None = None) -> tuple[torch.Tensor, int]:
+        """Recurrent memory [L,2,1,H,M,D] of a text (chunks of segment_len from the empty memory), token count."""
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"][: cap or int(self.cfg["max_item_tokens"])]
+        memory = self.empty_memory()
+        S = int(self.cfg["segment_len"])
+        for start in range(0, len(ids), S):
+            chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
+            _, memory = self.compress(chunk, memory)
+            self.tokens_processed += 1 + chunk.shape[1] + self.M
+        return memory, len(ids)
+
+    def _ingest_cache_parts(self, items: list[MemoryItem]) -> dict | None:
+        """What a cached ingest depends on (``r3mem_bench.ingest_cache``): the base model, the checkpoint's
+        digest, the options that shape the memories and the items; None (no caching) for untrained weights or a
+        bank that already holds memories."""
+        from r3mem_bench.ingest_cache import digest, model_id
+
+        if getattr(self, "ingest_cache", None) is None or not getattr(self, "checkpoint_digest", None) \
+                or self.memory is not None or self.bank:
+            return None
+        shape = ("memory_tokens", "segment_len", "max_item_tokens", "max_entities", "entity_extractor",
+                 "slot_layout", "slot_positions", "reader", "max_memory_tokens")
+        return {"version": INGEST_CACHE_VERSION, "hierarchy": self.hierarchy,  # r3mem_kv reuses r3mem's memories
+                "model": model_id(self.lm), "checkpoint": self.checkpoint_digest,
+                "options": {k: self.cfg[k] for k in shape}, "items": digest([[i.id, i.text] for i in items])}
+
+    @torch.no_grad()
+    def ingest(self, items: Iterable[MemoryItem]) -> None:
+        """Compress each item into a paragraph memory, frequent entities into entity memories, all into a document
+        memory. With the run's ingest cache, the memories of the same items, checkpoint and options are read back
+        (and count the tokens they cost when they were computed) instead of computed again."""
+        items = list(items)
+        parts = self._ingest_cache_parts(items)
+        if parts is not None:
+            index = self.ingest_cache.get(INGEST_INDEX, parts)
+            tensors = self.ingest_cache.get(INGEST_TENSORS, parts) if isinstance(index, dict) else None
+            if tensors is not None and _valid_ingest(index, tensors):
+                self.memory = tensors["document"]
+                self.bank = [{**e, "memory": tensors[f"bank/{i}"]} for i, e in enumerate(index["bank"])]
+                self.tokens_processed += int(index["tokens"])
+                return
+        before = self.tokens_processed
+        self._ingest(items)
+        if parts is not None:
+            tensors = {"document": self.memory.contiguous(),
+                       **{f"bank/{i}": e["memory"].contiguous() for i, e in enumerate(self.bank)}}
+            self.ingest_cache.put(INGEST_TENSORS, parts, tensors)  # tensors first: an index never points at nothing
+            self.ingest_cache.put(INGEST_INDEX, parts, {"tokens": self.tokens_processed - before, "bank": [
+                {k: v for k, v in e.items() if k != "memory"} for e in self.bank]})
+
+    @torch.no_grad()
+    def _ingest(self, items: list[MemoryItem]) -> None:
+        """``ingest`` computed: the recurrent document memory, then (hierarchy) paragraph and entity memories."""
+        doc = self.memory if self.memory is not None else self.empty_memory()
+        S = int(self.cfg["segment_len"])
+        for item in items:
+            ids = self.lm.tokenizer(item.text, add_special_tokens=False)["input_ids"][: int(self.cfg["max_item_tokens"])]
+            for start in range(0, len(ids), S):
+                chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
+                _, doc = self.compress(chunk, doc)
+                self.tokens_processed += 1 + chunk.shape[1] + self.M
+            if self.hierarchy:
+                memory, n = self._memory_of(item.text)
+                self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory[:, :, 0].half(), "tokens": n})
+        self.memory = doc
+        if not self.hierarchy:
+            return
+        mentions: dict[str, list[tuple[str, str]]] = {}
+        extractor = EXTRACTORS[self.cfg["entity_extractor"]]
+        for item in items:
+            for ent, sents in entity_contexts(item.text, min_mentions=1, extractor=extractor).items():
+                mentions.setdefault(ent, []).extend((item.id, s) for s in sents)
+        frequent = sorted((e for e, m in mentions.items() if len({i for i, _ in m}) >= 2),
+                          key=lambda e: (-len(mentions[e]), e))[: int(self.cfg["max_entities"])]
+        for ent in frequent:
+            memory, n = self._memory_of(" ".join(s for _, s in mentions[ent]), cap=S)
+            self.bank.append({"ids": sorted({i for i, _ in mentions[ent]}), "kind": "entity", "key": ent,
+                              "memory": memory[:, :, 0].half(), "tokens": n})
+
+    @torch.no_grad()
+    def _query_scores(self, question: str, memories: list[torch.Tensor]) -> list[float]:
+        """How much each memory lowers the question's NLL through the read path (nats/token; higher = closer)."""
+        ids = self.lm.tokenizer(question, add_special_tokens=False)["input_ids"][:64]
+        if not ids or not memories:
+            return [0.0] * len(memories)
+        q = torch.tensor([ids], device=self.lm.device)
+        base, _ = self.read(q, self.empty_memory(), write=False)
+        base_nll = token_nll(base, q).mean()
+        scores = []
+        for start in range(0, len(memories), 16):
+            batch = torch.stack(memories[start: start + 16], dim=2).float()  # [L,2,B,H,M,D]
+            B = batch.shape[2]
+            logits, _ = self.read(q.expand(B, -1), batch, write=False)
+            nll = token_nll(logits, q.expand(B, -1)).mean(-1)
+            scores.extend((base_nll - nll).tolist())
+            self.tokens_processed += B * self.read_cost(q.shape[1], batch.shape[-2], False)
+        return scores
+
+    @torch.no_grad()
+    def _choose(self, question: str) -> list[dict]:
+        """The bank entries for ``question``: the ``top_k`` paragraph memories by query likelihood, then up to two
+        entity memories whose name the question mentions."""
+        paragraphs = [e for e in self.bank if e["kind"] == "paragraph"]
+        scores = self._query_scores(question, [e["memory"] for e in paragraphs])
+        k = int(self.cfg["top_k"])
+        chosen = [paragraphs[i] for i in sorted(range(len(paragraphs)), key=lambda i: -scores[i])[:k]]
+        lowered = question.lower()
+        named = [e for e in self.bank if e["kind"] == "entity"
+                 and re.search(rf"\b{re.escape(e['key'].lower())}\b", lowered)]
+        return chosen + named[:2]
+
+    @torch.no_grad()
+    def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
+        """Reconstruct the memories most relevant to ``question``; the reconstructions are the context."""
+        if not self.hierarchy:  # document level only: reconstruct the recurrent memory
+            if self.memory is None:
+                return "", []
+            return self.reconstruct(self.memory), []
+        chosen = self._choose(question)
+        if not chosen:
+            return "", []
+        memory = torch.stack([e["memory"] for e in chosen], dim=2).float()
+        caps = [min(int(e["tokens"]) + 8, int(self.cfg["recon_max_tokens"])) for e in chosen]
+        texts = [self.lm.tokenizer.decode(x) for x in self.reconstruct_ids(memory, caps)]
+        ids = list(dict.fromkeys(i for e in chosen for i in e["ids"]))
+        return "\n".join(t.strip() for t in texts if t.strip()), ids
+
+    # ---- QA: answering from the memories themselves (qa_reader=memory) --------------------------------------
+    @torch.no_grad()
+    def _answer_memory(self, question: str) -> tuple[torch.Tensor, list[str]]:
+        """The memory the answer reads [L,2,1,H,Mt,D] and the item ids behind it.
+
+        The chosen memories (``_choose``; the recurrent document memory without hierarchy), as many as fit in the
+        checkpoint's ``max_memory_tokens`` slots, side by side in rank order. With ``slot_positions=ordered``
+        memory j's slots are moved after memory j-1's (keys rotated by j*M), as the slots of one larger memory;
+        with ``collapsed`` every slot already sits at position 1.
+        """
+        if not self.hierarchy:
+            return (self.memory if self.memory is not None else self.empty_memory()), []
+        room = max(1, int(self.cfg["max_memory_tokens"]) // self.M)
+        chosen = self._choose(question)[:room]
+        if not chosen:
+            return self.empty_memory(), []
+        parts = []
+        for j, e in enumerate(chosen):
+            mem = e["memory"].float().unsqueeze(2)  # [L,2,1,H,M,D]
+            if j and self.cfg["slot_positions"] == "ordered":
+                mem = torch.stack([rotate_keys(mem[:, 0], j * self.M, self.rotary), mem[:, 1]], dim=1)
+            parts.append(mem)
+        return torch.cat(parts, dim=-2), list(dict.fromkeys(i for e in chosen for i in e["ids"]))
+
+    @torch.no_grad()
+    def _read_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor, int, list[str], int]:
+        """Run ``[BOS][memory][read marker][closed-book prompt]`` through the reading adapter.
+
+        Returns the logits [1, V] of the first answer token, the KV [L,2,1,H,P,D] after the prompt, the position of
+        the next token, the item ids behind the memory and the number of positions read.
+        """
+        from r3mem_bench.generation import HFGenerator
+
+        gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm, system=self.prompt.system)
+        memory, ids = self._answer_memory(question)
+        Mt = memory.shape[-2]
+        adapter = "expand" if self.cfg["reader"] == "expand" else "compress"
+        self._use(adapter)
+        prompt = torch.tensor([gen.encode(self.prompt.render(question=question, context=""))], device=self.lm.device)
+        read_marker = self.embed(torch.full((1, 1), self.bos, device=self.lm.device))  # [1, 1, d]
+        past = torch.cat([self._bos_kv(adapter, 1), memory], dim=-2)  # [L,2,1,H,1+Mt,D]
+        hidden, kv = self._forward(past, torch.cat([read_marker, self.embed(prompt)], dim=1), Mt + 1)
+        return (self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids,
+                1 + Mt + 1 + prompt.shape[1])
+
+    @torch.no_grad()
+    def answer(self, question: str, now: float | None = None) -> Answer:
+        """``qa_reader=reconstruct``: the shared prompt with the reconstructions as context. ``qa_reader=memory``:
+        greedy decoding from ``[BOS][memories][read marker][closed-book prompt]`` (no text context)."""
+        if self.cfg["qa_reader"] != "memory":
+            return super().answer(question, now=now)
+        logits, past, pos, ids, read = self._read_prompt(question)
+        max_new = int(getattr(self.generator, "max_new_tokens", 32))
+        out: list[int] = []
+        for _ in range(max_new):
+            nxt = int(logits.argmax(-1))
+            if nxt == self.eos:
+                break
+            out.append(nxt)
+            hidden, kv = self._forward(past, self.embed(torch.tensor([[nxt]], device=self.lm.device)), pos)
+            past, pos, logits = torch.cat([past, kv], dim=-2), pos + 1, self.lm_head(hidden[:, -1])
+        self.tokens_processed += read + len(out)
+        text = self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return Answer(text=text, retrieved_ids=ids, prompt_tokens=read, context="")
+
+    @torch.no_grad()
+    def answer_nll(self, question: str, texts: list[str], now: float | None = None,
+                   given: Answer | None = None) -> AnswerNLL | None:
+        """Mean per-token NLL of each text as the answer: after the shared prompt with the reconstructions
+        (``qa_reader=reconstruct``) or after ``[BOS][memories][read marker][closed-book prompt]`` (``memory``)."""
+        if self.cfg["qa_reader"] != "memory":
+            return self.prompt_answer_nll(question, texts, now=now, given=given)
+        from r3mem_bench.generation import HFGenerator
+
+        gen = self.generator if hasattr(self.generator, "continuation_ids") else HFGenerator(self.lm)
+        last, past, pos, ids, read = self._read_prompt(question)
+        if given is None:
+            self.tokens_processed += read
+        nll, counts = [], []
+        for text in texts:
+            cont = gen.continuation_ids(text)[: self.lm.max_length // 2]
+            if not cont:
+                nll.append(float("nan"))
+                counts.append(0)
+                continue
+            target = torch.tensor([cont], device=self.lm.device)  # [1, C]
+            logits = last.unsqueeze(1)  # [1, 1, V]
+            if len(cont) > 1:
+                hidden, _ = self._forward(past, self.embed(target[:, :-1]), pos)
+                logits = torch.cat([logits, self.lm_head(hidden)], dim=1)
+            nll.append(float(F.cross_entropy(logits[0].float(), target[0], reduction="sum")) / len(cont))
+            counts.append(len(cont))
+        return AnswerNLL(nll, counts, read, ids, "")
+
+    # ---- diagnostics -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruction_report(self, text: str, empty: bool = False, greedy: bool = True) -> dict:
+        """Per chunk of ``text``: teacher-forced token accuracy and NLL from its memory (or the empty memory), and
+        (``greedy``) the greedy reconstruction with its ROUGE-L."""
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        S = int(self.cfg["segment_len"])
+        rows = []
+        for start in range(0, len(ids), S):
+            chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
+            memory = self.empty_memory() if empty else self.compress(chunk, self.empty_memory())[1]
+            logits = self.expand_logits(memory, chunk)
+            rows.append({"tokens": chunk.shape[1], "correct": int((logits.argmax(-1) == chunk).sum()),
+                         "nll": float(token_nll(logits, chunk).sum()),
+                         "text": self.lm.tokenizer.decode(chunk[0]),
+                         "reconstruction": self.reconstruct(memory, chunk.shape[1] + 8) if greedy else ""})
+        n = sum(r["tokens"] for r in rows)
+        return {"chunks": rows, "token_accuracy": sum(r["correct"] for r in rows) / max(1, n),
+                "ppl": math.exp(sum(r["nll"] for r in rows) / max(1, n)),
+                "rouge_l": float(sum(rouge_l(r["text"], r["reconstruction"]) * r["tokens"] for r in rows) / max(1, n))
+                if greedy else None}
+
+
+def rouge_l(reference: str, candidate: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    ref, cand = reference.split(), candidate.split()
+    if not ref or not cand:
+        return 0.0
+    prev = [0] * (len(cand) + 1)
+    for r in ref:
+        cur = [0]
+        for j, c in enumerate(cand):
+            cur.append(prev[j] + 1 if r == c else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rec = lcs / len(cand), lcs / len(ref)
+    return 2 * p * rec / (p + rec)
