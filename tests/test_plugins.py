@@ -409,14 +409,17 @@ VENV_PLUGIN = {
         where = ["src"]
     ''',
     "src/venv_plugin/__init__.py": "",
-    "src/venv_plugin/methods.py": PLUGIN.replace("plug_window", "venv_window").replace("PlugWindow", "VenvWindow")
-                                        .replace("plugin: 16-token window", "installed plugin: 16-token window"),
+    "src/venv_plugin/methods.py": (PLUGIN + QA_PLUGIN).replace("plug_window", "venv_window")
+                                  .replace("PlugWindow", "VenvWindow").replace("plug_recent", "venv_recent")
+                                  .replace("PlugRecent", "VenvRecent")
+                                  .replace("plugin: 16-token window", "installed plugin: 16-token window"),
 }
 
 
 def test_entry_point_plugin_in_a_fresh_venv(tmp_path):
     """A separate plugin package, installed (editable, offline) into a new virtual environment that sees the
-    installed r3mem_bench and torch, is listed and runs the default LM task there, and its row is in the report."""
+    installed r3mem_bench and torch, is listed and runs the default LM, RAG and dialogue tasks there, and its rows
+    are in the report."""
     import importlib.util
 
     from r3mem_bench.report import collect, render
@@ -457,6 +460,13 @@ def test_entry_point_plugin_in_a_fresh_venv(tmp_path):
     assert records[0]["metrics"]["ppl"] > 1
     manifest = json.loads(next(out.rglob("manifest.json")).read_text())
     assert manifest["method"] == "venv_window"
+    # the package's QA method on the default RAG and dialogue tasks, into the same output folder
+    proc = venv_cli("run", "--task", "rag,dialogue", "--method", "venv_recent", "--limit", "1", "--param",
+                    "max_new_tokens=4", "--output", str(out), "--quiet", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(render(collect([str(out)]), "json"))
+    assert sorted((r["task"], r["method"], r["n"]) for r in records) == [
+        ("needle", "venv_recent", 1), ("persona", "venv_recent", 1), ("wikitext2", "venv_window", 1)]
 
 
 def test_entry_point_plugin_is_found(tmp_path, monkeypatch):
