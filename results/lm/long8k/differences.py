@@ -1,12 +1,15 @@
-"""Prints the paired differences and the halves comparison of results/lm/long8k/README.md from the committed runs.
+"""Paired differences of ppl_after_first / ppl_beyond_16 / ppl_beyond_64 between memories and their controls,
+and (documents of 64 segments) the second half against the first, from committed LM runs.
 
-    python results/lm/long8k/differences.py
+    python results/lm/long8k/differences.py                                  # results/lm/long8k/README.md
+    python results/lm/long8k/differences.py results/r3mem/heldout/wikitext2  # the README's beyond-window numbers
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +25,20 @@ def rows(method: str) -> list[dict]:
 
 
 def main() -> None:
+    global RUNS
+    if len(sys.argv) > 1:
+        RUNS = Path(sys.argv[1])
     for metric in ("ppl_after_first", "ppl_beyond_16", "ppl_beyond_64"):
         for a, b in PAIRS:
+            if not ((RUNS / a).is_dir() and (RUNS / b).is_dir()):
+                continue
             for unit in ("segment", "document"):
                 d, lo, hi = stats.paired_bootstrap_diff(stats.lm_units(rows(a), metric, unit=unit),
                                                         stats.lm_units(rows(b), metric, unit=unit))
                 print(f"{metric:16s} {a} - {b:13s} over {unit}s: {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     rng = np.random.default_rng(0)
+    if min(len(r["segment_tokens"]) for r in rows("no_memory")) < 64:
+        return
     for d in sorted(p for p in RUNS.iterdir() if p.is_dir()):
         a = np.array([[sum(r["segment_nll_sum"][1:32]), sum(r["segment_tokens"][1:32]),
                        sum(r["segment_nll_sum"][32:64]), sum(r["segment_tokens"][32:64])] for r in rows(d.name)])
