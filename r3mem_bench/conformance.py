@@ -339,11 +339,17 @@ def checkpoint_checks(cls, lm, options: dict, families: tuple[str, ...]) -> list
                     values = p.detach().float()  # noise on the tensor's own scale, far above half-precision steps
                     scale = max(float(values.abs().mean()), float(values.std()) if p.numel() > 1 else 0.0, 1e-2)
                     p.add_((torch.randn(p.shape, generator=gen) * 0.5 * scale).to(p.device, p.dtype))
-            step = "save_checkpoint"
-            trained.save_checkpoint(Path(tmp) / "first", meta)
-            step = "a fresh instance with checkpoint=DIR"
-            torch.manual_seed(3)
-            loaded = cls(lm, {**load_options, "checkpoint": str(Path(tmp) / "first")})
+
+            def round_trip(source, name: str, seed: int, which: str):
+                """``source`` saved under ``name``, then a fresh instance built under ``seed`` that loads it."""
+                nonlocal step
+                step = f"save_checkpoint{which}"
+                source.save_checkpoint(Path(tmp) / name, meta)
+                step = f"a fresh instance with checkpoint=DIR{which}"
+                torch.manual_seed(seed)
+                return cls(lm, {**load_options, "checkpoint": str(Path(tmp) / name)})
+
+            loaded = round_trip(trained, "first", 3, "")
             step = "comparing the tensors"
             saved, back = trained.trainable_parameters(), loaded.trainable_parameters()
             if sorted(saved) != sorted(back):
@@ -357,11 +363,7 @@ def checkpoint_checks(cls, lm, options: dict, families: tuple[str, ...]) -> list
                     return [CheckResult(CHECKPOINT_NAME, False, f"tensor '{n}' is not restored by load_checkpoint (max "
                                         f"|difference| {float(diff) if diff != 'shape' else diff:.4g}): "
                                         "save_checkpoint/load_checkpoint lose it")]
-            step = "save_checkpoint of the loaded instance"
-            loaded.save_checkpoint(Path(tmp) / "second", meta)
-            step = "a second fresh instance with checkpoint=DIR"
-            torch.manual_seed(4)
-            again = cls(lm, {**load_options, "checkpoint": str(Path(tmp) / "second")})
+            again = round_trip(loaded, "second", 4, " (second)")
             step = "scoring a document"
             if "lm" not in families:
                 same = all(torch.equal(x.detach().cpu(), y.detach().cpu()) for x, y in zip(
