@@ -37,30 +37,27 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   written slot j at position 1+j, as the empty memory's slots sit; ``collapsed`` keys every written slot at
   position 1, which is how the shipped anchored checkpoint was trained (checkpoints without the key load with the
   positions they were trained with: ``ordered`` for ``append``, ``collapsed`` for the interleaved layouts).
-* Where the slots go (``slot_layout``). ``append``: all M slots after the text (the v1-v3 checkpoints; old
-  checkpoints without the key load as ``append``). ``interleave``: slot j right after text token
+* Where the slots go (``slot_layout``). ``append``: all M slots after the text (the shipped ablation
+  checkpoints; a checkpoint without the key loads as ``append``). ``interleave``: slot j right after text token
   ceil((j+1)T/M)-1, so each slot follows the span it summarises, as Activation Beacon's beacons do (Zhang et
-  al. 2024, arXiv 2401.03462); every slot still sees the whole prefix. ``anchored`` (default since v4):
+  al. 2024, arXiv 2401.03462); every slot still sees the whole prefix. ``anchored`` (default; the shipped R3Mem):
   interleaved, and slot j's input embedding is its learned vector plus the embedding of the text token just
   before it, so each virtual token starts out as a copy of a real one and the expand adapter can read it as
-  text. Measured reason (stage-1 autoencoding, same data, seed and samples; teacher-forced reconstruction
-  accuracy on the training stream, mean of steps 61-98 / 351-400): append 0.439 / 0.452, interleave 0.424 /
-  (stopped), anchored 0.516 / 0.581 (``results/r3mem/probes/``; a higher learning rate, 3e-3, was worse too).
+  text; in the autoencoding stage it reconstructs better than ``append`` and ``interleave`` on the same data and
+  seed (the probe is in ../shared/design/r3mem.md and git history).
 * Forward (retain, ``compress`` adapter): ``[BOS][memory][BOS as read marker][segment][slots]`` writes the next
   memory (the slots' keys/values). The memory before the first segment is the "empty" memory: the slots run
   through ``[BOS][slots]`` alone.
 * Backward (retrieve, ``expand`` adapter): ``[BOS][memory][AE marker]`` decodes the text (teacher forcing in
   training, greedy in ``reconstruct(memory)``), ending with EOS.
-* Reading the memory for the next segment (``reader`` option). ``reader=expand`` (default since the shipped
-  two-stage checkpoint): the decoder side reads, as in ICAE where one decoder both reconstructs (AE token) and
+* Reading the memory for the next segment (``reader`` option). ``reader=expand`` (default): the decoder side
+  reads, as in ICAE where one decoder both reconstructs (AE token) and
   continues (LM token) from the memory: ``[BOS][memory][BOS][segment]`` under ``expand`` scores the segment
   (the read marker BOS predicts its first token; no_memory starts from the same BOS), then a ``compress``
-  pass writes. Measured reason: with ``reader=compress`` (one pass reads and writes) the reconstruction
-  warm-up that teaches the writer drifted the same adapter's reading (KL to the base model 1.0-1.3 nats), and
-  the 150-step run of that design gave no memory gain over its reset control (36.00 vs 35.56); with the expand
-  reader the writer may change freely and the reader is the adapter that has learnt to attend to memories.
-  Cost: two passes per segment instead of one, counted in ``tokens_processed``. Old checkpoints without the
-  option load as ``reader=compress``.
+  pass writes. With ``reader=compress`` (one pass reads and writes) the autoencoding that teaches the writer
+  also drifts the same adapter's reading; with the expand reader the writer may change freely and the reader
+  is the adapter that has learnt to attend to memories. Cost: two passes per segment instead of one, counted in
+  ``tokens_processed``. A checkpoint without the option loads as ``reader=compress``.
 * Training in two stages with the project's ``train`` command: (1) ``recon_warmup_steps`` steps of
   autoencoding only (one segment -> memory -> reconstruct it; ICAE's pretraining objective), which teaches the
   writer to put the text into the slots; (2) ``train --init-from STAGE1`` with every loss below.
@@ -90,12 +87,11 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   (w_recon = w_cycle = 0). The last two change training: each loads its own shipped checkpoint
   (``results/checkpoints/<variant>-<model>``) when there is one, else R3Mem's (then they differ from ``r3mem``
   only at inference). Both ship their own (same data and token budget): ``r3mem_no_cycle`` one stage of LM +
-  KL, ``r3mem_no_hier`` v3's stage 1 + a document-level-only stage 2; both use the ``append`` layout of v3
-  (not retrained for v4's anchored slots).
+  KL, ``r3mem_no_hier`` an autoencoding stage + a document-level-only stage 2; both use the ``append`` layout,
+  so they differ from the shipped ``anchored`` R3Mem in more than the ablated part (``results/r3mem/README.md``).
 * Training data (not from the paper; the paper trains on large corpora we cannot fetch offline): the
-  bundled Wikipedia paragraphs of HotpotQA/MuSiQue train, pydoc train topics and tinyshakespeare (2:1:1).
-  Measured reason: trained on pydoc + Shakespeare only (v2), the memory helped on held-out pydoc but hurt on
-  WikiText-2 (PPL 36.3 vs 34.9 for its reset control); with the Wikipedia text it helps on both.
+  bundled Wikipedia paragraphs of HotpotQA/MuSiQue train, pydoc train topics and tinyshakespeare (2:1:1); the
+  Wikipedia share is what makes the memory help on held-out prose as well as on pydoc.
 
 Measured numbers of the shipped checkpoints live next to their runs, in ``results/r3mem/README.md``.
 """
