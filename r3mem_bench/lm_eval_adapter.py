@@ -55,6 +55,13 @@ class R3MemLM(LM):
         self.segment_len = int(segment_len)
         if self.segment_len <= 0:
             raise UserError(f"segment_len={segment_len}: must be positive; fix: e.g. segment_len=512")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes its default device (cuda); fall back to the CPU as lm-eval's own hf model does
+            import warnings
+
+            warnings.warn(f"r3mem-bench lm-eval adapter: device={device} but CUDA is not available; using cpu",
+                          stacklevel=2)
+            device = "cpu"
         self.lm = load_model(model, device=device or None, threads=int(threads) if threads else None)
         cls = get_method_class(method)
         options = dict(kwargs)

@@ -168,3 +168,12 @@ def test_full_context_matches_lm_eval_bits_per_byte_smollm2(tmp_path):
 
     res = lm_eval_parity(load_model("smollm2-135m", device="cpu"), _task(max_tokens=2048), tmp_path)
     assert res["relative_difference"] < 0.01, res
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available: no fallback to test")
+def test_adapter_falls_back_to_cpu_when_lm_eval_asks_for_cuda_without_it():
+    from r3mem_bench.lm_eval_adapter import R3MemLM
+
+    with pytest.warns(UserWarning, match="CUDA is not available; using cpu"):
+        adapter = R3MemLM(model="tiny-random", method="no_memory", segment_len=8, device="cuda")  # lm-eval's default
+    assert str(adapter.lm.device) == "cpu"
