@@ -87,6 +87,10 @@ class R3MemLM(LM):
 
     def _stream(self, key: str, ids: list[int], tail: list[int] | None = None) -> list[torch.Tensor]:
         """Reset the method and score ``ids`` (then ``tail`` as the final segment) as one stream."""
+        if "lm" not in type(self.method).families:
+            raise UserError(f"method '{self.method.name}' scores no token likelihoods (families: "
+                            f"{', '.join(type(self.method).families)}), so it cannot serve loglikelihood requests; "
+                            "fix: use it on generate_until tasks, or pick a method of the lm family")
         segments = self._segments(ids) + ([torch.tensor(tail, dtype=torch.long)] if tail else [])
         self.method.begin(key)
         self.method.reset()

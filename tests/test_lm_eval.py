@@ -177,3 +177,15 @@ def test_adapter_falls_back_to_cpu_when_lm_eval_asks_for_cuda_without_it():
     with pytest.warns(UserWarning, match="CUDA is not available; using cpu"):
         adapter = R3MemLM(model="tiny-random", method="no_memory", segment_len=8, device="cuda")  # lm-eval's default
     assert str(adapter.lm.device) == "cpu"
+
+
+def test_adapter_refuses_likelihood_requests_for_a_qa_only_method():
+    from lm_eval.api.instance import Instance
+
+    from r3mem_bench.errors import UserError
+    from r3mem_bench.lm_eval_adapter import R3MemLM
+
+    adapter = R3MemLM(model="tiny-random", method="memorybank", segment_len=8, device="cpu", summary_tokens=4)
+    req = Instance("loglikelihood", {}, ("The sky is", " blue"), 0)
+    with pytest.raises(UserError, match="scores no token likelihoods"):
+        adapter.loglikelihood([req])
