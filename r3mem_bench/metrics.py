@@ -34,7 +34,18 @@ def _is_punct(ch: str) -> bool:
 
 def normalize_answer(text: str) -> str:
     """Extended normalisation: NFKC, lower-case, delete punctuation (ASCII and Unicode), drop articles, collapse
-    white space."""
+    white space, repeated until nothing changes (deleting a character can let NFKC compose its neighbours, as in
+    ``"c:\u0327"``), so normalising a normalised answer changes nothing."""
+    for _ in range(8):
+        once = _normalize_step(text)
+        if once == text:
+            break
+        text = once
+    return text
+
+
+def _normalize_step(text: str) -> str:
+    """One pass of :func:`normalize_answer`."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(ch for ch in text if not _is_punct(ch))
     text = _ARTICLES.sub(" ", text)
