@@ -186,15 +186,13 @@ class QAMixin:
         return torch.cat(parts, dim=-2), list(dict.fromkeys(i for e in chosen for i in e["ids"]))
 
     @torch.no_grad()
-    def _read_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor, int, list[str], int]:
+    def _read_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
         """Run ``[BOS][memory][read marker][closed-book prompt]`` through the reading adapter.
 
-        Returns the logits [1, V] of the first answer token, the KV [L,2,1,H,P,D] after the prompt, the position of
-        the next token, the item ids behind the memory and the number of positions read.
+        Returns the logits [1, V] of the first answer token, the KV [L,2,1,H,P,D] after the prompt, the number of
+        positions read (also the position of the next token) and the item ids behind the memory.
         """
-        from r3mem_bench.generation import HFGenerator
-
-        gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm, system=self.prompt.system)
+        gen = self._encoder()
         memory, ids = self._answer_memory(question)
         Mt = memory.shape[-2]
         adapter = "expand" if self.cfg["reader"] == "expand" else "compress"
@@ -203,8 +201,7 @@ class QAMixin:
         read_marker = self.embed(torch.full((1, 1), self.bos, device=self.lm.device))  # [1, 1, d]
         past = torch.cat([self._bos_kv(adapter, 1), memory], dim=-2)  # [L,2,1,H,1+Mt,D]
         hidden, kv = self._forward(past, torch.cat([read_marker, self.embed(prompt)], dim=1), Mt + 1)
-        return (self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids,
-                1 + Mt + 1 + prompt.shape[1])
+        return self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids
 
     @torch.no_grad()
     def answer(self, question: str, now: float | None = None) -> Answer:
@@ -212,7 +209,8 @@ class QAMixin:
         greedy decoding from ``[BOS][memories][read marker][closed-book prompt]`` (no text context)."""
         if self.cfg["qa_reader"] != "memory":
             return super().answer(question, now=now)
-        logits, past, pos, ids, read = self._read_prompt(question)
+        logits, past, read, ids = self._read_prompt(question)
+        pos = read
         max_new = int(getattr(self.generator, "max_new_tokens", 32))
         out: list[int] = []
         for _ in range(max_new):
@@ -233,10 +231,8 @@ class QAMixin:
         (``qa_reader=reconstruct``) or after ``[BOS][memories][read marker][closed-book prompt]`` (``memory``)."""
         if self.cfg["qa_reader"] != "memory":
             return self.prompt_answer_nll(question, texts, now=now, given=given)
-        from r3mem_bench.generation import HFGenerator
-
-        gen = self.generator if hasattr(self.generator, "continuation_ids") else HFGenerator(self.lm)
-        last, past, pos, ids, read = self._read_prompt(question)
+        gen = self._encoder()
+        last, past, read, ids = self._read_prompt(question)
         if given is None:
             self.tokens_processed += read
         nll, counts = [], []
@@ -249,7 +245,7 @@ class QAMixin:
             target = torch.tensor([cont], device=self.lm.device)  # [1, C]
             logits = last.unsqueeze(1)  # [1, 1, V]
             if len(cont) > 1:
-                hidden, _ = self._forward(past, self.embed(target[:, :-1]), pos)
+                hidden, _ = self._forward(past, self.embed(target[:, :-1]), read)
                 logits = torch.cat([logits, self.lm_head(hidden)], dim=1)
             nll.append(float(F.cross_entropy(logits[0].float(), target[0], reduction="sum")) / len(cont))
             counts.append(len(cont))
