@@ -53,7 +53,7 @@ def run(
     param: list[str] = typer.Option([], "--param", help="Task parameter override key=value (repeatable)."),
     method_arg: list[str] = typer.Option([], "--method-arg", help="Method option key=value (repeatable)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Trained adapter directory (r3mem, rmt)."),
-    backend: str = typer.Option("hf", "--backend", help="Generation backend: auto, hf or vllm."),
+    backend: str = typer.Option("auto", "--backend", help="Generation backend: auto (vLLM where it can serve the model, else hf), hf or vllm."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),

@@ -71,7 +71,7 @@ def run_cell(cell: dict) -> dict:
     cfg = RunConfig(tasks=[cell["task"]], methods=[cell["method"]], model=cell["model"], limit=cell.get("limit"),
                     seed=cell["seed"], output=cell["output"], include_paths=cell.get("include_paths", []), data=cell.get("data"),
                     overrides=dict(cell.get("params", {})), method_options=dict(cell.get("args", {})),
-                    checkpoint=cell.get("checkpoint"), backend=cell.get("backend", "hf"),
+                    checkpoint=cell.get("checkpoint"), backend=cell.get("backend", "auto"),
                     threads=cell.get("threads"), quiet=cell.get("quiet", True))
     dirs = run(cfg)
     result = {"key": cell["key"], "dirs": [str(d) for d in dirs],

@@ -160,6 +160,11 @@ class MemoryMethod(ABC):
         context, ids = self.retrieve(question, now=now)
         return self.generate_answer(question, context, ids)
 
+    def shared_prompt_answers(self) -> bool:
+        """Whether ``answer`` is ``retrieve`` then the shared prompt and generator (then a QA family may retrieve
+        several questions' contexts first and generate their answers as one batch)."""
+        return type(self).answer is MemoryMethod.answer and type(self).generate_answer is MemoryMethod.generate_answer
+
     def generate_answer(self, question: str, context: str, ids: list[str]) -> Answer:
         """Shared last step: format the prompt, generate greedily, count prompt tokens."""
         text_prompt = self.prompt.render(question=question, context=context)

@@ -161,8 +161,16 @@ def resolve_model_path(name: str) -> str:
 _CACHE: dict[tuple, LoadedModel] = {}
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """The weights' dtype on ``device``: float32 on CPU; bfloat16 on CUDA where supported, else float16."""
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def load_model(name: str, device: str | None = None, threads: int | None = None) -> LoadedModel:
-    """Load ``name`` once per process (smollm2-135m, tiny-random, a local HF directory or a hub id)."""
+    """Load ``name`` once per process (smollm2-135m, tiny-random, a local HF directory or a hub id), in
+    ``default_dtype(device)`` (recorded in ``info["dtype"]`` and so in every run's manifest)."""
     if threads:
         torch.set_num_threads(threads)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,7 +188,7 @@ def load_model(name: str, device: str | None = None, threads: int | None = None)
             f"unknown model '{name}'; fix: use one of {', '.join(BUILTIN_MODELS)}, a local HF model directory "
             "or an HF hub id (owner/name)"
         )
-    model.to(device).eval()
+    model.to(device=device, dtype=default_dtype(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

@@ -35,7 +35,7 @@ class RunConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
-    backend: str = "hf"
+    backend: str = "auto"
     threads: int | None = None
     quiet: bool = False
 

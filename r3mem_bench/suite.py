@@ -78,7 +78,7 @@ class Suite:
     methods: list[dict]
     limit: Optional[int] = None
     threads: Optional[int] = None
-    backend: str = "hf"
+    backend: str = "auto"
     reference: Optional[str] = None
     include_paths: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
@@ -152,7 +152,7 @@ def parse_suite(raw: Any, source: str) -> Suite:
     return Suite(name=name, source=source, raw=raw, models=[str(m) for m in models], seeds=seeds,
                  tasks=tasks,
                  methods=_records(raw.get("methods"), "method", METHOD_KEYS, where), limit=limit,
-                 threads=raw.get("threads"), backend=str(raw.get("backend", "hf")), reference=raw.get("reference"),
+                 threads=raw.get("threads"), backend=str(raw.get("backend", "auto")), reference=raw.get("reference"),
                  include_paths=include, imports=list(raw.get("imports") or []),
                  method_path=[str((base / p).resolve()) for p in method_path],
                  resources=dict(raw.get("resources") or {}),
@@ -206,6 +206,9 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
             if strict:
                 raise
             classes[m["method"]] = None
+    from r3mem_bench.backends import resolve_backend
+
+    backends: dict[str, str] = {}
     weights_ids: dict[tuple[str, str], str | None] = {}  # (method, model) -> shipped weights' hash, read once
     specs = []
     for model in suite.models:
@@ -228,6 +231,9 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
                         cell["method_path"] = list(suite.method_path)
                     ident = {k: v for k, v in cell.items()  # location-independent
                              if k not in ("resources", "suite_output", "output")}
+                    if model not in backends:  # the backend that generates here (auto resolved): keys say what ran
+                        backends[model] = resolve_backend(suite.backend, model)
+                    ident["backend"] = backends[model]
                     if applies is not None and not cell["checkpoint"]:  # retrained shipped weights -> a new cell
                         if (m["method"], model) not in weights_ids:
                             weights_ids[m["method"], model] = get_method_class(m["method"]).shipped_weights_id(model)

@@ -5,6 +5,9 @@ left-truncated to ``max_prompt_tokens``) and vLLM receives the token ids (``{"pr
 ``TokensPrompt``), so both backends see identical inputs. Decoding is greedy: ``SamplingParams(temperature=0,
 max_tokens=max_new_tokens)``, stopping at the tokenizer's EOS. vLLM loads its own copy of the weights from the
 model's directory (``r3mem_bench.models.resolve_model_path``); models without one (``tiny-random``) cannot use it.
+The engine is created on the first generation and shared by every generator of the process (``engine``): cells,
+tasks and methods that never generate start none, and no second engine competes for GPU memory. The HF copy of
+the model (for scoring and memory methods) is bf16 or fp16 on CUDA (``models.load_model``); vLLM gets that dtype.
 
 API used (vLLM docs, ``vllm.entrypoints.llm.LLM``): ``LLM(model=..., tokenizer=..., dtype=..., seed=...,
 gpu_memory_utilization=..., max_model_len=...)``, ``LLM.generate(prompts, sampling_params, use_tqdm=False)`` ->
@@ -32,6 +35,23 @@ def vllm_unavailable_reason() -> str | None:
     return None
 
 
+_ENGINES: dict[tuple, object] = {}  # one vllm.LLM per (model path, dtype, max_model_len) in this process
+
+
+def engine(path: str, dtype: str, max_model_len: int, gpu_memory_utilization: float = 0.5, seed: int = 0):
+    """This process's vLLM engine for a model, created on first use and shared by every generator after it.
+
+    One engine per process: a second ``vllm.LLM`` would ask for its own share of GPU memory beside the first and
+    fail to start."""
+    key = (path, dtype, max_model_len)
+    if key not in _ENGINES:
+        from vllm import LLM
+
+        _ENGINES[key] = LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization)
+    return _ENGINES[key]
+
+
 class VLLMGenerator(HFGenerator):
     """Greedy generation with vLLM; prompts encoded exactly as ``HFGenerator`` encodes them."""
 
@@ -45,15 +65,17 @@ class VLLMGenerator(HFGenerator):
         reason = vllm_unavailable_reason()
         if reason:
             raise UserError(f"--backend vllm: {reason}; fix: use --backend hf, or run on a CUDA machine with vllm")
-        path = resolve_model_path(lm.name)
-        if path == "tiny-random":
+        self.path = resolve_model_path(lm.name)
+        if self.path == "tiny-random":
             raise UserError("--backend vllm: model 'tiny-random' exists only in memory; fix: use --backend hf "
                             "or a model with a directory or hub id")
-        from vllm import LLM
+        self.dtype = str(lm.info.get("dtype", "float32")).replace("torch.", "")
+        self.gpu_memory_utilization, self.seed = gpu_memory_utilization, seed
 
-        dtype = str(lm.info.get("dtype", "float32")).replace("torch.", "")
-        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=seed, max_model_len=lm.max_length,
-                       gpu_memory_utilization=gpu_memory_utilization)
+    @property
+    def llm(self):
+        """The shared engine (created on the first generation, not when a method is built)."""
+        return engine(self.path, self.dtype, self.lm.max_length, self.gpu_memory_utilization, self.seed)
 
     def sampling_params(self):
         """Greedy decoding: temperature 0, at most ``max_new_tokens`` new tokens."""
@@ -62,7 +84,9 @@ class VLLMGenerator(HFGenerator):
         return SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
 
     def generate(self, prompts: list[str]) -> list[Generation]:
-        """Greedy answers for user messages ``prompts`` (vLLM batches internally)."""
+        """Greedy answers for user messages ``prompts``, submitted to vLLM together (it schedules the batch)."""
+        if not prompts:
+            return []
         encoded = [self.encode(p) for p in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], self.sampling_params(),
                                     use_tqdm=False)

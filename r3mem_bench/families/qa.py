@@ -197,6 +197,55 @@ class QAFamily(Family):
         n_gen = int(task.params.get("generate_questions") or 0)
         generated = ({q["id"] for q in task.data.get("questions", examples)[:n_gen]} if generate and n_gen > 0
                      else None)  # None: every question generates (when ``generate``)
+        batch = max(1, int(getattr(method.generator, "batch_size", 1) or 1)) if method.shared_prompt_answers() else 1
+        pending: list[dict] = []  # questions retrieved, waiting for their batch's generation
+
+        def finish(p: dict) -> None:
+            """Likelihood pass and row of one question whose answer (if any) is generated."""
+            ex, ans = p["ex"], p["answer"]
+            method.begin(ex["id"])
+            before = method.tokens_processed
+            lik_metrics, lik_extra, lik = {}, {}, None
+            if likelihood and not p["likelihood_done"]:
+                t2 = time.perf_counter()
+                lik_metrics, lik_extra, lik = self._likelihood(ex, method, ans)
+                lik_extra["likelihood_s"] = time.perf_counter() - t2
+            elif p["likelihood_done"]:
+                lik_metrics, lik_extra, lik = p["likelihood"]
+            tokens = p["tokens"] + method.tokens_processed - before
+            answer_s = p["answer_s"]
+            if ans is None:
+                if lik is None:
+                    raise UserError(f"method '{method.name}' has no answer-likelihood path (it answers through "
+                                    "its own `answer`); fix: set the task parameter generate: true")
+                ans = Answer("", lik.retrieved_ids, lik.prompt_tokens, lik.context)
+                answer_s = lik_extra["likelihood_s"]
+            emit({
+                "id": ex["id"], "corpus_id": ex["corpus_id"], "category": ex.get("category"),
+                "question": ex["question"], "answers": ex.get("answers") or [], "prediction": ans.text,
+                "retrieved_ids": ans.retrieved_ids, "prompt_tokens": ans.prompt_tokens, "tokens_processed": tokens,
+                "answer_s": answer_s, **p["corpus"], **lik_extra,
+                "metrics": {**self._score(ex, ans, method, task.params, p["generate"]), **lik_metrics},
+            })
+            if progress:
+                progress(ans.prompt_tokens)
+
+        def flush() -> None:
+            """Generate the pending questions' answers in one batch, then finish them in asking order."""
+            waiting = [p for p in pending if p["prompt"] is not None]
+            if waiting:
+                t = time.perf_counter()
+                outs = method.generator.generate([p["prompt"] for p in waiting])
+                share = (time.perf_counter() - t) / len(waiting)  # a batch's time, split evenly
+                for p, out in zip(waiting, outs):
+                    p["answer"] = Answer(out.text, p["ids"], out.prompt_tokens, p["context"])
+                    p["answer_s"] += share
+                    p["tokens"] += out.prompt_tokens + out.new_tokens
+                    method.tokens_processed += out.prompt_tokens + out.new_tokens
+            for p in pending:
+                finish(p)
+            pending.clear()
+
         for cid, questions in groups.items():
             asked = [q for q in task.data.get("questions", ()) if q["corpus_id"] == cid] if replay else []
             position = {q["id"]: i for i, q in enumerate(asked)}
@@ -206,10 +255,9 @@ class QAFamily(Family):
             before = method.tokens_processed
             t0 = time.perf_counter()
             method.ingest(corpora[cid])
-            ingest_s = time.perf_counter() - t0
-            ingest_tokens = method.tokens_processed - before
-            state = method.state_bytes()
-            corpus_tokens = task.data.get("corpus_tokens", {}).get(cid, 0)
+            corpus = {"ingest_s": time.perf_counter() - t0, "ingest_tokens": method.tokens_processed - before,
+                      "state_bytes": method.state_bytes(),
+                      "corpus_tokens": task.data.get("corpus_tokens", {}).get(cid, 0)}
             for ex in questions:
                 if ex["id"] in position:
                     for q in asked[replayed: position[ex["id"]]]:  # answered by an earlier run: redo its recall
@@ -217,33 +265,29 @@ class QAFamily(Family):
                             method.begin(q["id"])
                             replay(q["question"], now=q.get("now"))
                     replayed = max(replayed, position[ex["id"]] + 1)
+                # in asking order: everything that reads or changes the memory (recall, the likelihood pass of
+                # a question that is not generated); generation itself waits for the batch
                 method.begin(ex["id"])
                 before = method.tokens_processed
                 t1 = time.perf_counter()
                 gen_this = generate and (generated is None or ex["id"] in generated)
-                ans = method.answer(ex["question"], now=ex.get("now")) if gen_this else None
-                answer_s = time.perf_counter() - t1
-                lik_metrics, lik_extra, lik = {}, {}, None
-                if likelihood:
-                    t2 = time.perf_counter()
-                    lik_metrics, lik_extra, lik = self._likelihood(ex, method, ans)
-                    lik_extra["likelihood_s"] = time.perf_counter() - t2
-                if ans is None:
-                    if lik is None:
-                        raise UserError(f"method '{method.name}' has no answer-likelihood path (it answers through "
-                                        "its own `answer`); fix: set the task parameter generate: true")
-                    ans = Answer("", lik.retrieved_ids, lik.prompt_tokens, lik.context)
-                    answer_s = lik_extra["likelihood_s"]
-                emit({
-                    "id": ex["id"], "corpus_id": cid, "category": ex.get("category"), "question": ex["question"],
-                    "answers": ex.get("answers") or [], "prediction": ans.text, "retrieved_ids": ans.retrieved_ids,
-                    "prompt_tokens": ans.prompt_tokens, "tokens_processed": method.tokens_processed - before,
-                    "answer_s": answer_s, "ingest_s": ingest_s, "ingest_tokens": ingest_tokens,
-                    "state_bytes": state, "corpus_tokens": corpus_tokens, **lik_extra,
-                    "metrics": {**self._score(ex, ans, method, task.params, gen_this), **lik_metrics},
-                })
-                if progress:
-                    progress(ans.prompt_tokens)
+                p = {"ex": ex, "corpus": corpus, "generate": gen_this, "answer": None, "prompt": None,
+                     "likelihood_done": False}
+                if gen_this and batch > 1:
+                    p["context"], p["ids"] = method.retrieve(ex["question"], now=ex.get("now"))
+                    p["prompt"] = method.prompt.render(question=ex["question"], context=p["context"])
+                elif gen_this:
+                    p["answer"] = method.answer(ex["question"], now=ex.get("now"))
+                elif likelihood:
+                    p["likelihood"] = self._likelihood(ex, method, None)
+                    p["likelihood"][1]["likelihood_s"] = time.perf_counter() - t1
+                    p["likelihood_done"] = True
+                p["answer_s"] = time.perf_counter() - t1 if gen_this else 0.0
+                p["tokens"] = method.tokens_processed - before
+                pending.append(p)
+                if len(pending) >= batch:
+                    flush()
+        flush()
 
     def aggregate(self, rows: Iterable[dict], params: dict) -> dict[str, float]:
         """Means over the questions that have each metric, per category as ``<metric>/<category>`` (EM, F1,

@@ -203,6 +203,10 @@ class QAMixin:
         hidden, kv = self._forward(past, torch.cat([read_marker, self.embed(prompt)], dim=1), Mt + 1)
         return self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids
 
+    def shared_prompt_answers(self) -> bool:
+        """``qa_reader=reconstruct`` answers through the shared prompt (reconstructions as context)."""
+        return self.cfg["qa_reader"] != "memory"
+
     @torch.no_grad()
     def answer(self, question: str, now: float | None = None) -> Answer:
         """``qa_reader=reconstruct``: the shared prompt with the reconstructions as context. ``qa_reader=memory``:

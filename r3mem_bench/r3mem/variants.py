@@ -17,12 +17,22 @@ class R3MemNoHier(R3Mem):
 
 
 @register_method
+class R3MemNoRecon(R3Mem):
+    """Ablation: no backward path in training (w_recon = w_cycle = 0); meaningful only with its own training run."""
+
+    name = "r3mem_no_recon"
+    description = "R3Mem trained without the reconstruction and cycle losses (needs its own `train --method r3mem_no_recon`)"
+    loss_overrides = {"w_recon": 0.0, "w_cycle": 0.0}
+    own_weights = True
+
+
+@register_method
 class R3MemNoCycle(R3Mem):
-    """Ablation: no backward/cycle losses (w_recon = w_cycle = 0); meaningful only with its own training run."""
+    """Ablation: reconstruction kept, cycle loss off (w_cycle = 0); meaningful only with its own training run."""
 
     name = "r3mem_no_cycle"
-    description = "R3Mem trained without reconstruction/cycle losses (needs its own `train --method r3mem_no_cycle`)"
-    loss_overrides = {"w_recon": 0.0, "w_cycle": 0.0}
+    description = "R3Mem trained without the cycle loss (needs its own `train --method r3mem_no_cycle`)"
+    loss_overrides = {"w_cycle": 0.0}
     own_weights = True
 
 
