@@ -361,7 +361,7 @@ def register(app: typer.Typer) -> None:
         output: Optional[str] = typer.Option(None, "--output", "-o", help="Results directory (default runs/suite-NAME)."),
         executor: str = typer.Option("local", "--executor", help="local (this process) or ray."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local one)."),
-        max_retries: int = typer.Option(3, "--max-retries", help="Ray: reruns of a cell whose worker died."),
+        max_retries: int = typer.Option(3, "--max-retries", help="Ray: reruns of a cell whose worker died or that Ray failed."),
         reference: Optional[str] = typer.Option(None, "--reference", help="Method for the paired tests (default: the suite's)."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write figures to OUTPUT/plots."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and exit."),

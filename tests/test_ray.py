@@ -1,5 +1,6 @@
-"""The Ray executor: a local 2-CPU cluster runs a suite whose worker dies mid-cell; Ray reruns the cell, the store
-keeps the finished example, and the results equal those of the local executor. Finished cells are not redone."""
+"""The Ray executor: cells run in a worker's private directory and come back to the driver (no shared disk); a
+local 2-CPU cluster runs a suite whose worker dies mid-cell, Ray reruns the cell, and the results equal those of
+the local executor. Finished cells are not redone."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import textwrap
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'r3mem-bench[dist]')")
+import ray
 
-from r3mem_bench.suite import parse_suite, run_suite  # noqa: E402
+from r3mem_bench.executors import cell_files, land, run_cell, run_cell_detached
+from r3mem_bench.suite import cells, parse_suite, run_suite
 
 CRASHY = '''
 """Test-only method: no_memory whose worker process dies once, while scoring its second document."""
@@ -71,3 +73,47 @@ def test_ray_suite_survives_a_dead_worker(tmp_path, monkeypatch, tiny_lm):
     ray_rows, local_rows = _rows(tmp_path / "ray"), _rows(tmp_path / "local")
     assert set(ray_rows) == {"no_memory", "crash_once"} and len(ray_rows["crash_once"]) == 3
     assert ray_rows == local_rows
+
+
+def _cell(tmp_path, output):
+    suite = parse_suite({"suite": "d", "model": "tiny-random", "limit": 3, "threads": 1,
+                         "tasks": [{"task": "wikitext2", "params": {"segment_len": 48, "max_tokens": 96}}],
+                         "methods": ["no_memory"]}, str(tmp_path / "s.yaml"))
+    return cells(suite, str(output))[0]
+
+
+def test_a_detached_cell_needs_no_disk_shared_with_the_driver(tmp_path, tiny_lm):
+    """A worker runs the cell where the driver's directory does not even exist for it, and the driver lands the
+    files it returns: the same rows as running the cell in place; a partial cell resumes from the rows shipped."""
+    unreachable = tmp_path / "not-a-dir"
+    unreachable.write_text("a file: nothing can be created under it")
+    payload = run_cell_detached(_cell(tmp_path, unreachable / "driver"), {})
+    assert not str(payload["where"]).startswith(str(unreachable))
+    driver = _cell(tmp_path, tmp_path / "driver")
+    result = land(driver, payload)
+    local = _cell(tmp_path, tmp_path / "local")
+    run_cell(local)
+    assert _rows(tmp_path / "driver") == _rows(tmp_path / "local") and len(_rows(tmp_path / "driver")["no_memory"]) == 3
+    assert all(str(d).startswith(str(tmp_path / "driver")) for d in result["dirs"])
+    # resume: the driver ships the first row it holds; the worker keeps it byte for byte and adds the rest
+    files = cell_files(driver)
+    name = next(k for k in files if k.endswith("results.jsonl"))
+    first = files[name].splitlines(keepends=True)[0]
+    again = run_cell_detached(driver, {**files, name: first})
+    assert again["files"][name].splitlines(keepends=True)[0] == first
+    assert _strip(again["files"][name]) == _strip(files[name])
+
+
+def _strip(data: bytes) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in data.decode().splitlines()]
+
+
+def test_cluster_runtime_env_ships_the_package_with_its_tasks(tmp_path):
+    import zipfile
+
+    from r3mem_bench.executors import RayExecutor
+
+    assert "py_modules" not in RayExecutor().runtime_env(str(tmp_path))  # local cluster: same machine
+    env = RayExecutor(address="ray://head:10001").runtime_env(str(tmp_path))
+    names = zipfile.ZipFile(env["py_modules"][0]).namelist()
+    assert "r3mem_bench/executors.py" in names and "r3mem_bench/tasks/rag/needle.yaml" in names
