@@ -66,8 +66,9 @@ class HFGenerator(Generator):
     name = "hf"
 
     def __init__(self, lm: LoadedModel, max_new_tokens: int = 32, system: str = DEFAULT_SYSTEM,
-                 max_prompt_tokens: int | None = None, batch_size: int = 8):
+                 max_prompt_tokens: int | None = None, batch_size: int = 8, chat: bool = True):
         self.lm = lm
+        self.chat = chat  # the tokenizer's chat template around prompts (when it has one)
         self.max_new_tokens = max_new_tokens
         self.system = system
         self.batch_size = batch_size
@@ -76,12 +77,12 @@ class HFGenerator(Generator):
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a user message, through the chat template when the tokenizer has one."""
         tok = self.lm.tokenizer
-        if getattr(tok, "chat_template", None):
+        if self.chat and getattr(tok, "chat_template", None):
             messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = tok(f"{self.system}\n\n{prompt}", add_special_tokens=True)["input_ids"]
+            ids = tok(f"{self.system}\n\n{prompt}" if self.system else prompt, add_special_tokens=True)["input_ids"]
         if len(ids) > self.max_prompt_tokens:  # keep the end: the question and the answer cue
             ids = ids[-self.max_prompt_tokens:]
         return ids
@@ -89,7 +90,7 @@ class HFGenerator(Generator):
     def continuation_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` as an answer after an encoded prompt (no special tokens, no end-of-turn token)."""
         tok = self.lm.tokenizer
-        if getattr(tok, "chat_template", None):  # the assistant header ends the prompt: the answer starts bare
+        if self.chat and getattr(tok, "chat_template", None):  # the assistant header ends the prompt: bare answer
             return tok(text.strip(), add_special_tokens=False)["input_ids"]
         return tok(" " + text.strip(), add_special_tokens=False)["input_ids"]  # after "Answer:" comes a space
 

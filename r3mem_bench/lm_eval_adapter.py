@@ -16,13 +16,16 @@ Request types:
 
 * ``loglikelihood(context, continuation)``: the method is reset, the context is streamed through it in segments
   of ``segment_len`` tokens and the continuation is the last segment of the same stream, so its NLL is given the
-  method's memory of the context. ``is_greedy`` needs logits, which the memory contract does not expose: it is
-  reported False (only exact-match metrics such as lambada's ``acc`` use it; perplexity/MC accuracy do not).
+  method's memory of the context. ``is_greedy`` (lambada's ``acc``) is whether every continuation token was the
+  argmax where it was scored, recorded by the shared NLL helpers (``scoring.recording_greedy``); a plugin method
+  that scores without them gets False and a warning.
 * ``loglikelihood_rolling(text)``: the document is scored as an LM stream (same as our LM family).
-* ``generate_until(context, gen_kwargs)``: methods that apply to QA families ingest the context (all but its last
-  blank-line-separated block, cut into ``segment_len``-token items) and answer the last block with the shared
-  prompt and generator (``method.answer``); LM-only methods generate greedily from the raw context with
-  ``transformers``. Output is cut at the first ``until`` string.
+* ``generate_until(context, gen_kwargs)``: lm-eval's prompt is used as it is, with no template of ours around it.
+  Methods that apply to QA families ingest the context (all but its last blank-line-separated block, cut into
+  ``segment_len``-token items) and answer the last block after their retrieved context (``method.answer`` with
+  the prompt ``{context}\n\n{question}`` and no chat template); LM-only methods generate greedily from the raw
+  context with ``transformers``. Output is cut at the first ``until`` string. lm-eval's ``--apply_chat_template``
+  formats prompts with the tokenizer's chat template (``apply_chat_template`` below) before they arrive here.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lm_eval.api.registry import register_model
 from r3mem_bench.errors import UserError
 
 log = logging.getLogger(__name__)
+RAW_TEMPLATE = "{context}\n\n{question}"  # QA methods: retrieved context, then lm-eval's last block
 
 
 @register_model("r3mem-bench")
@@ -74,7 +78,8 @@ class R3MemLM(LM):
             from r3mem_bench.generation import make_prompt
 
             generator = make_generator(self.lm, {}, backend)
-            prompt = make_prompt({})
+            generator.chat, generator.system = False, ""  # lm-eval's prompt as it is
+            prompt = make_prompt({"prompt_template": RAW_TEMPLATE, "closed_book_template": "{question}"})
         self.method = cls(self.lm, options, generator=generator, prompt=prompt)
         self._warned_greedy = False
 
@@ -97,10 +102,25 @@ class R3MemLM(LM):
         return self.method.score_stream(segments)
 
     # ---- lm-eval API ------------------------------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        """Fingerprint of the chat template for lm-eval's request cache."""
+        return str(getattr(self.lm.tokenizer, "name_or_path", self.lm.name)).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's ``--apply_chat_template``: the tokenizer's chat template around the few-shot history."""
+        return self.lm.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                     add_generation_prompt=add_generation_prompt)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """Log-likelihood of each continuation after its context streamed through the memory method."""
+        """Log-likelihood of each continuation after its context streamed through the memory method, and whether
+        it is the greedy continuation."""
+        from tqdm import tqdm
+
+        from r3mem_bench.scoring import recording_greedy
+
         out = []
-        for n, req in enumerate(requests):
+        for n, req in enumerate(tqdm(requests, disable=disable_tqdm, desc="r3mem-bench loglikelihood")):
             context, continuation = req.args
             # as lm-eval's HFLM does: trailing whitespace of the context belongs to the continuation
             spaces = len(context) - len(context.rstrip())
@@ -111,17 +131,26 @@ class R3MemLM(LM):
             cont = whole[len(ctx):]
             if not cont:
                 raise UserError(f"request {n}: empty continuation after tokenization; fix: check the task's target")
-            nll = self._stream(f"ll-{n}", whole[:len(ctx)], cont)[-1]
-            if not self._warned_greedy:
-                log.warning("r3mem-bench: is_greedy is reported False (memory methods expose no logits)")
-                self._warned_greedy = True
-            out.append((-float(nll.double().sum()), False))
+            with recording_greedy() as flags:
+                nll = self._stream(f"ll-{n}", whole[:len(ctx)], cont)[-1]
+            scored = torch.cat(flags) if flags else torch.empty(0, dtype=torch.bool)
+            if scored.numel() < len(cont):  # the method scored without the shared helpers
+                if not self._warned_greedy:
+                    log.warning("r3mem-bench: method '%s' records no argmax; is_greedy is reported False",
+                                self.method.name)
+                    self._warned_greedy = True
+                greedy = False
+            else:
+                greedy = bool(scored[-len(cont):].all())  # the continuation is the stream's last tokens scored
+            out.append((-float(nll.double().sum()), greedy))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole document, scored as an LM stream through the method."""
+        from tqdm import tqdm
+
         out = []
-        for n, req in enumerate(requests):
+        for n, req in enumerate(tqdm(requests, disable=disable_tqdm, desc="r3mem-bench loglikelihood_rolling")):
             (text,) = req.args[:1]
             ids = self._encode(text)
             nlls = self._stream(f"roll-{n}", ids) if ids else []
@@ -130,10 +159,12 @@ class R3MemLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation: ``method.answer`` for QA methods, else HF generate on the raw context."""
+        from tqdm import tqdm
+
         from r3mem_bench.method import MemoryItem
 
         out = []
-        for n, req in enumerate(requests):
+        for n, req in enumerate(tqdm(requests, disable=disable_tqdm, desc="r3mem-bench generate_until")):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []

@@ -1,6 +1,12 @@
-"""Shared tensor helpers: per-token NLL from a causal LM, and the byte size of a KV cache."""
+"""Shared tensor helpers: per-token NLL from a causal LM, and the byte size of a KV cache.
+
+Inside ``recording_greedy()`` the NLL helpers also record, for every token they score, whether it was the
+model's argmax there (lm-eval's ``is_greedy``), flattened in the order scored.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -8,8 +14,28 @@ import torch.nn.functional as F
 from r3mem_bench.models import LoadedModel
 
 
+_GREEDY: list[torch.Tensor] | None = None  # set by recording_greedy
+
+
+@contextlib.contextmanager
+def recording_greedy():
+    """Record whether each token scored inside the block was the argmax; yields the list of flag tensors."""
+    global _GREEDY
+    saved, _GREEDY = _GREEDY, []
+    try:
+        yield _GREEDY
+    finally:
+        _GREEDY = saved
+
+
+def _record_greedy(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if _GREEDY is not None:
+        _GREEDY.append((logits.detach().argmax(-1) == targets).reshape(-1).cpu())
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL (nats) of ``targets`` [B, T] under ``logits`` [B, T, V] (logits already aligned to targets)."""
+    _record_greedy(logits, targets)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            reduction="none").view(targets.shape)
 
@@ -44,8 +70,12 @@ def scored_nll(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.T
     rows = torch.cat([hidden[i, a:b] for i, (a, b) in enumerate(spans)])  # [N, H]
     targets = torch.cat([ids[i, a + 1: b + 1] for i, (a, b) in enumerate(spans)])  # [N]
     head = model.get_output_embeddings()
-    nll = torch.cat([F.cross_entropy(head(rows[k: k + chunk]).float(), targets[k: k + chunk], reduction="none")
-                     for k in range(0, rows.shape[0], chunk)]) if rows.shape[0] else torch.empty(0)
+    pieces = []
+    for k in range(0, rows.shape[0], chunk):
+        logits = head(rows[k: k + chunk]).float()  # [<=chunk, V]
+        _record_greedy(logits, targets[k: k + chunk])
+        pieces.append(F.cross_entropy(logits, targets[k: k + chunk], reduction="none"))
+    nll = torch.cat(pieces) if pieces else torch.empty(0)
     return list(nll.cpu().split([b - a for a, b in spans]))
 
 

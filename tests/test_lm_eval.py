@@ -189,3 +189,51 @@ def test_adapter_refuses_likelihood_requests_for_a_qa_only_method():
     req = Instance("loglikelihood", {}, ("The sky is", " blue"), 0)
     with pytest.raises(UserError, match="scores no token likelihoods"):
         adapter.loglikelihood([req])
+
+
+def test_adapter_agrees_with_lm_eval_hf_model_on_likelihood_and_is_greedy(tiny_lm):
+    """Multiple-choice and lambada-style requests: log-likelihood within 1e-4 and the same is_greedy as lm-eval's
+    own HF model on the same weights and the same tokens (BOS, then the context)."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from r3mem_bench.lm_eval_adapter import R3MemLM
+
+    tok = tiny_lm.tokenizer
+    context = "The sky on a clear day is"
+    ids = [tiny_lm.prefix_token_id] + tok(context, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # the greedy next two tokens, for a continuation that is_greedy must accept
+        for _ in range(2):
+            ids.append(int(tiny_lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    greedy_text = tok.decode(ids[-2:])
+    assert tok(context + greedy_text, add_special_tokens=False)["input_ids"][-2:] == ids[-2:]
+    pairs = [(context, " blue"), (context, " green"), (context, greedy_text), ("Two plus two equals", " four")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    ours = R3MemLM(model="tiny-random", method="full_context", segment_len=4, device="cpu").loglikelihood(requests)
+    # this tokenizer adds no BOS itself: lm-eval's HF model gets it as text, the adapter's streams start with it
+    assert tok(context)["input_ids"][0] != tiny_lm.prefix_token_id
+    bos = tok.convert_ids_to_tokens(tiny_lm.prefix_token_id)
+    theirs = HFLM(pretrained=tiny_lm.model, tokenizer=tok, batch_size=1, device="cpu").loglikelihood(
+        [Instance("loglikelihood", {}, (bos + c, t), i) for i, (c, t) in enumerate(pairs)])
+    for (ll, greedy), (ref_ll, ref_greedy) in zip(ours, theirs):
+        assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+    assert [g for _, g in ours] == [False, False, True, False]
+    windowed = R3MemLM(model="tiny-random", method="no_memory", segment_len=4, device="cpu").loglikelihood(requests[2:3])
+    assert windowed[0][0] != pytest.approx(ours[2][0], abs=1e-3)  # the method still matters
+
+
+def test_adapter_generate_until_passes_lm_eval_prompts_through_unchanged(tiny_lm, monkeypatch):
+    """No chat template or system text of ours around lm-eval's prompt (QA and LM-only methods alike)."""
+    from lm_eval.api.instance import Instance
+
+    from r3mem_bench.generation import HFGenerator
+    from r3mem_bench.lm_eval_adapter import R3MemLM
+
+    seen = []
+    encode = HFGenerator.encode
+    monkeypatch.setattr(HFGenerator, "encode", lambda self, p: seen.append(encode(self, p)) or seen[-1])
+    prompt = "Q: Where is Paris?\nA:"
+    R3MemLM(model="tiny-random", method="no_memory", device="cpu").generate_until(
+        [Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 3}), 0)])
+    assert seen == [tiny_lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]]

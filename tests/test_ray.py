@@ -8,7 +8,6 @@ import json
 import os
 import textwrap
 
-import pytest
 
 import ray
 
