@@ -105,6 +105,7 @@ class RMT(MemoryMethod):
     """Recurrent memory tokens ``[sink, mem, segment, mem]`` with a LoRA-adapted base model (Bulatov et al.)."""
 
     name = "rmt"
+    checkpoint_owner = "rmt"  # rmt_reset reads the same checkpoint
     families = ("lm", "rag", "dialogue")
     description = "Recurrent Memory Transformer: M memory tokens carried across segments (LoRA + learned memory)"
     trainable = True

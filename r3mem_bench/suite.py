@@ -295,6 +295,47 @@ def save_suite(suite: Suite, output: str) -> None:
     atomic_write_text(Path(output) / SUITE_FILE, yaml.safe_dump(doc, sort_keys=True))
 
 
+def preflight_suite(suite: Suite, specs: list[dict]) -> list[str]:
+    """One line per missing piece that would make cells fail: a trained checkpoint (with the command that trains
+    it), a data file, a hub model that cannot be fetched offline. Checked before any cell runs."""
+    import os
+
+    from r3mem_bench.methods import get_method_class
+    from r3mem_bench.models import BUILTIN_MODELS
+
+    lines: list[str] = []
+    untrained: dict[tuple[str, str], list[str]] = {}  # (checkpoint owner, model) -> methods that need it
+    for c in specs:
+        try:
+            cls = get_method_class(c["method"])
+        except UserError:
+            continue  # reported by the cell itself
+        if (getattr(cls, "trainable", False) and not c.get("checkpoint") and not (c.get("args") or {}).get("untrained")
+                and hasattr(cls, "shipped_checkpoint") and cls.shipped_checkpoint(c["model"]) is None):
+            needing = untrained.setdefault((getattr(cls, "checkpoint_owner", None) or cls.name, c["model"]), [])
+            if c["method"] not in needing:
+                needing.append(c["method"])
+        if c.get("data") and not Path(c["data"]).exists():
+            line = (f"task {c['task']}: data file {c['data']} not found; fix: fetch it (the task's YAML names the "
+                    "source and format) or correct `data:` in the suite")
+            if line not in lines:
+                lines.append(line)
+    for (owner, model), methods in untrained.items():
+        lines.append(f"{', '.join(methods)} on {model}: no trained checkpoint; fix: r3mem-bench train --method "
+                     f"{owner} --model {model} --output results/checkpoints/{owner}-{model} (the README's training "
+                     "recipe), or give the methods `checkpoint:` in the suite")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        for model in suite.models:
+            if model in BUILTIN_MODELS or os.path.isdir(model):
+                continue
+            if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+                lines.append(f"model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1; fix: "
+                             f"`huggingface-cli download {model}` with hub access, or name a local directory")
+    return lines
+
+
 def run_suite(suite: Suite, output: str, executor: str = "local", address: str | None = None,
               max_retries: int = 3, quiet: bool = True, echo=None) -> dict:
     """Run every cell not finished before; returns ``{"ran", "skipped", "failed", "seconds"}``.
@@ -305,9 +346,12 @@ def run_suite(suite: Suite, output: str, executor: str = "local", address: str |
 
     echo = echo or (lambda msg: print(msg, file=sys.stderr))
     specs = cells(suite, output)
+    todo = [c for c in specs if not is_done(c)]
+    missing = preflight_suite(suite, todo)
+    if missing:
+        raise UserError(f"suite {suite.name} cannot run as written ({len(missing)} missing):\n  " + "\n  ".join(missing))
     Path(output).mkdir(parents=True, exist_ok=True)
     save_suite(suite, output)
-    todo = [c for c in specs if not is_done(c)]
     for c in todo:
         c["quiet"] = quiet
     echo(f"suite {suite.name}: {len(specs)} cells, {len(specs) - len(todo)} finished before, {len(todo)} to run "

@@ -80,12 +80,13 @@ def test_suite_resumes_and_records_method_args(tmp_path, tiny_lm):
 
 
 def test_failed_cell_does_not_stop_the_others(tmp_path, tiny_lm):
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
     raw = {**BASE, "tasks": [{"task": "wikitext2", "params": {"segment_len": 48, "max_tokens": 96},
-                              "data": "missing.txt"}, BASE["tasks"][0]]}
+                              "data": "bad.jsonl"}, BASE["tasks"][0]]}
     raw["tasks"][1] = {"task": "pydoc_heldout", "limit": 1, "params": {"segment_len": 48, "max_tokens": 96}}
     result = run_suite(parse_suite(raw, str(tmp_path / "s.yaml")), str(tmp_path / "out"), echo=lambda m: None)
     assert len(result["failed"]) == 2 and result["ran"] == 2
-    assert "file not found" in result["failed"][0][1]
+    assert "bad.jsonl" in result["failed"][0][1], result["failed"]
 
 
 def test_cell_key_follows_the_shipped_weights(tmp_path, monkeypatch):
@@ -115,3 +116,22 @@ def test_shipped_weights_id_hashes_the_weight_files(tmp_path, monkeypatch):
     (ck / "r3mem.safetensors").write_bytes(b"two")
     assert first and r3mem_module.R3Mem.shipped_weights_id("tiny") != first
     assert r3mem_module.R3Mem.shipped_weights_id("other-model") is None
+
+
+def test_suite_refuses_at_start_with_one_line_per_missing_piece(tmp_path, cli, monkeypatch):
+    """Checkpoints to train (grouped by the checkpoint they need, with the command), data files, offline hub
+    models: all named before any cell runs, exit 2, nothing written."""
+    (tmp_path / "s.yaml").write_text(
+        "suite: s\nmodels: [tiny-random, someone/not-cached-model]\nlimit: 1\n"
+        "tasks:\n  - task: wikitext2\n  - {task: locomo, data: missing/locomo10.json}\n"
+        "methods: [no_memory, rmt, rmt_reset, r3mem]\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = cli("suite", str(tmp_path / "s.yaml"), "--output", str(tmp_path / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = [x.strip() for x in res.stderr.splitlines() if x.startswith("  ")]
+    assert sum("rmt, rmt_reset on tiny-random: no trained checkpoint; fix: r3mem-bench train --method rmt "
+               "--model tiny-random" in x for x in lines) == 1
+    assert sum(x.startswith("r3mem on tiny-random: no trained checkpoint") for x in lines) == 1
+    assert sum(x.startswith("task locomo: data file") and "missing/locomo10.json" in x for x in lines) == 1
+    assert sum(x.startswith("model someone/not-cached-model: not in the local Hugging Face cache") for x in lines) == 1
+    assert not (tmp_path / "out").exists()

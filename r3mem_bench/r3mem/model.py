@@ -25,6 +25,7 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
     """R3Mem with a recurrent KV memory, compress/expand LoRA adapters and hierarchical memories."""
 
     name = "r3mem"
+    checkpoint_owner = "r3mem"  # whose shipped checkpoint the variants fall back to (and `train --method` makes)
     description = "reversible compression: recurrent KV memory, LoRA compress/expand, hierarchy (this work)"
     trainable = True
     batched_training = True  # training_losses takes [B, S] segments (trainer --micro-batch)
