@@ -13,8 +13,8 @@ LM: ``no_memory`` scores each segment of ``--segment-len`` tokens on its own (pr
 lm-eval contender is a ``loglikelihood_rolling`` task over the same documents with ``max_length`` = segment
 length: disjoint windows that each predict that many tokens in one forward pass of the same length, with the same
 ``batch_size``. QA: greedy answers to the seeded needle questions, prompt = the task's template over the gold
-passages, generated through ``HFGenerator.generate`` with the given batch size (the QA protocol itself calls the
-generator one question at a time; this measures what batching would buy).
+passages, generated through ``HFGenerator.generate`` with the given batch size (the QA protocol generates a
+cell's questions in batches of the generator's ``batch_size``, 8 by default).
 
     nice -n 10 python benchmarks/throughput.py                       # SmolLM2-135M
     nice -n 10 python benchmarks/throughput.py --model tiny-random --out /tmp/t.json
