@@ -55,7 +55,6 @@ prompt, slots and generated tokens for QA); ``state_bytes`` is the memory tensor
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -66,7 +65,7 @@ import torch.nn.functional as F
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
-from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, resolve_checkpoint
+from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, lora_copy, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
@@ -137,12 +136,9 @@ class RMT(MemoryMethod):
 
     # ---- model -------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        base = copy.deepcopy(self.lm.model)
-        cfg = LoraConfig(r=self.lora["r"], lora_alpha=self.lora["alpha"], lora_dropout=self.lora["dropout"],
-                         target_modules=self.lora["targets"], bias="none", task_type="CAUSAL_LM")
-        self.peft = get_peft_model(base, cfg)
+        self.peft = lora_copy(self.lm, r=self.lora["r"], lora_alpha=self.lora["alpha"],
+                              lora_dropout=self.lora["dropout"], target_modules=self.lora["targets"], bias="none",
+                              task_type="CAUSAL_LM")
         self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
         self.decoder = self.body.get_decoder()
         self.head = self.body.get_output_embeddings()

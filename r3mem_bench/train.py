@@ -447,6 +447,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads"),
         method_arg: list[str] = typer.Option([], "--method-arg", help="Method option key=value (repeatable)."),
         keep_resume: bool = typer.Option(False, "--keep-resume", help="Keep resume/ (optimizer state) at the end."),
+        stop_after: Optional[int] = typer.Option(None, "--stop-after", help="End after this step (resumable; e.g. to "
+                                                 "reproduce a recorded change of --steps)."),
         init_from: Optional[str] = typer.Option(None, "--init-from",
                                                 help="Start from a finished checkpoint's weights (staged training)."),
         quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -463,7 +465,10 @@ def register(app: typer.Typer) -> None:
                           micro_batch=micro_batch, precision=precision, lr=lr,
                           warmup=min(warmup, steps), checkpoint_every=checkpoint_every, seed=seed, threads=threads,
                           method_options=_parse_options(method_arg), init_from=init_from)
-        root = train(cfg, quiet=quiet, keep_resume=keep_resume)
+        if stop_after is not None and (stop_after <= 0 or stop_after % checkpoint_every):
+            raise UserError(f"--stop-after {stop_after}: must be a positive multiple of --checkpoint-every "
+                            f"({checkpoint_every}), so the run can resume from there")
+        root = train(cfg, stop_after=stop_after, quiet=quiet, keep_resume=keep_resume)
         typer.echo(f"checkpoint: {root}")
 
     @app.command("reconstruct")

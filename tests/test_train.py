@@ -221,3 +221,25 @@ def test_r3mem_refuses_micro_batches_after_the_warmup(tmp_path, corpus):
     cfg = config(tmp_path / "r3", corpus, steps=3, micro_batch=2, method_options=dict(METHOD_ARGS, recon_warmup_steps=1))
     with pytest.raises(UserError, match="batches only the autoencoding warm-up"):
         train(cfg, quiet=True)
+
+
+def test_cli_stop_after_then_new_step_budget_records_the_schedule_change(tmp_path, corpus, cli):
+    """`--steps 6 --stop-after 2`, then `--steps 4`: the run resumes at step 2, records the change, and equals
+    the same two calls made through the Python API (the recipe of the shipped R3Mem's second stage)."""
+    args = ["train", "--method", "r3mem", "--model", "tiny-random", "--data", corpus, "--data-mix", "",
+            "--segment-len", "12", "--segments", "2", "--lr", "5e-3", "--warmup", "2", "--checkpoint-every", "2",
+            "--threads", "1", "-q", "--output", str(tmp_path / "cli")]
+    opts = [x for k, v in METHOD_ARGS.items() for x in ("--method-arg", f"{k}={json.dumps(v).replace(' ', '')}")]
+    bad = cli(*args, *opts, "--steps", "6", "--stop-after", "3")
+    assert bad.returncode == 2 and "--stop-after 3" in bad.stderr
+    first = cli(*args, *opts, "--steps", "6", "--stop-after", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not (tmp_path / "cli" / "r3mem.safetensors").exists()
+    second = cli(*args, *opts, "--steps", "4")
+    assert second.returncode == 0, second.stderr[-2000:]
+    meta = json.loads((tmp_path / "cli" / "r3mem.json").read_text())
+    assert meta["training"]["steps_changes"] == [{"at_step": 2, "from": 6, "to": 4}]
+    api = config(tmp_path / "api", corpus, steps=6)
+    train(api, stop_after=2, quiet=True)
+    train(config(tmp_path / "api", corpus, steps=4), quiet=True)
+    assert same(weights(tmp_path / "cli"), weights(tmp_path / "api"))

@@ -1,5 +1,6 @@
-"""What the trainable memory methods (R3Mem, RMT) share about their checkpoints: where the shipped ones live, which
-one a run loads, and a name for it that does not depend on where the repository is checked out."""
+"""What the trainable memory methods (R3Mem, RMT) share: LoRA adapters on a private copy of the base model, where
+the shipped checkpoints live, which one a run loads, and a name for it that does not depend on where the
+repository is checked out."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from pathlib import Path
 from r3mem_bench.errors import UserError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "results" / "checkpoints"  # one directory per shipped checkpoint
+
+
+def lora_copy(lm, adapter_name: str = "default", **lora):
+    """A private deep copy of ``lm.model`` (the shared model stays untouched for the run's other methods) with one
+    LoRA adapter (``peft.LoraConfig(**lora)``) named ``adapter_name``; more adapters via ``add_adapter``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(copy.deepcopy(lm.model), LoraConfig(**lora), adapter_name=adapter_name)
 
 
 def resolve_checkpoint(method: str, given, marker: str, shipped: Path | None, model: str, untrained_hint: str = "") -> Path:

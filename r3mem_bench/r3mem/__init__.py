@@ -83,12 +83,13 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   ``train_memory_sizes`` per sample (nested slots), so one checkpoint serves ``memory_tokens`` = 8/16/32/64.
 * Variants: ``r3mem_kv`` (QA answered from the memories' key/values, above), ``r3mem_reset`` (same weights,
   memory emptied at every segment: the adapter's share),
-  ``r3mem_no_hier`` (document level only: QA keeps one recurrent memory) and ``r3mem_no_cycle``
-  (w_recon = w_cycle = 0). The last two change training: each loads its own shipped checkpoint
-  (``results/checkpoints/<variant>-<model>``) when there is one, else R3Mem's (then they differ from ``r3mem``
-  only at inference). Both ship their own (same data and token budget): ``r3mem_no_cycle`` one stage of LM +
-  KL, ``r3mem_no_hier`` an autoencoding stage + a document-level-only stage 2; both use the ``append`` layout,
-  so they differ from the shipped ``anchored`` R3Mem in more than the ablated part (``results/r3mem/README.md``).
+  ``r3mem_no_recon`` (no reconstruction and no cycle loss), ``r3mem_no_cycle`` (reconstruction kept, cycle
+  loss off) and ``r3mem_no_hier`` (document-level pairs only; QA keeps one recurrent memory). The ablations
+  change training: each loads its own shipped checkpoint (``results/checkpoints/<variant>-<model>``) when there
+  is one, else R3Mem's (then it differs from ``r3mem`` only at inference). The shipped ones are matched: the
+  shipped recipe's second stage (same stage-1 initialisation, layout, data, steps, schedule, seed and thread
+  count) with the one part removed; under one seed every variant draws the same samples and memory sizes (and,
+  hierarchy kept, the same levels) as R3Mem.
 * Training data (not from the paper; the paper trains on large corpora we cannot fetch offline): the
   bundled Wikipedia paragraphs of HotpotQA/MuSiQue train, pydoc train topics and tinyshakespeare (2:1:1); the
   Wikipedia share is what makes the memory help on held-out prose as well as on pydoc.

@@ -12,7 +12,7 @@ import torch
 
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryMethod, tensor_bytes
-from r3mem_bench.methods.checkpoints import SHIPPED, resolve_checkpoint
+from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import (ARCH_DEFAULTS, CHECKPOINT_FORMAT, META, QA_READERS, RUN_DEFAULTS, SLOT_POSITIONS,
                                       WEIGHTS, repeated_ngram_ends, rotate_keys, slot_order, trained_arch)
@@ -84,15 +84,12 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
     # ---- construction --------------------------------------------------------------------------------------
     def _build(self) -> None:
         """Copy the frozen base model, add the two LoRA adapters and the slot/marker embeddings."""
-        import copy
+        from peft import LoraConfig
 
-        from peft import LoraConfig, get_peft_model
-
-        base = copy.deepcopy(self.lm.model)  # the shared model stays untouched for other methods of the run
         targets = self.cfg["lora_targets"]
         lora = dict(r=int(self.cfg["lora_r"]), lora_alpha=int(self.cfg["lora_alpha"]), lora_dropout=0.0,
                     target_modules=targets if targets == "all-linear" else list(targets))
-        self.net = get_peft_model(base, LoraConfig(**lora), adapter_name="compress")
+        self.net = lora_copy(self.lm, adapter_name="compress", **lora)
         self.net.add_adapter("expand", LoraConfig(**lora))
         causal = self.net.base_model.model
         self.decoder, self.lm_head = causal.model, causal.lm_head  # LlamaModel-like, Linear
