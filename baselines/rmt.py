@@ -109,7 +109,6 @@ class RMT(MemoryMethod):
     description = "Recurrent Memory Transformer: M memory tokens carried across segments (LoRA + learned memory)"
     trainable = True
     batched_training = True  # training_losses takes [B, S] segments (trainer --micro-batch)
-    carry_memory = True
 
     def __init__(self, lm, options=None, generator=None, prompt=None):
         super().__init__(lm, options, generator, prompt)
@@ -194,12 +193,12 @@ class RMT(MemoryMethod):
 
     def lm_state_bytes(self) -> int:
         """The memory carried into the next segment (M x H floats); the reset control carries none."""
-        return tensor_bytes(self.memory) if self.carry_memory else 0
+        return 0 if self.reset_each_segment else tensor_bytes(self.memory)
 
     @torch.no_grad()
     def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
         """NLL of the segment given the carried memory; then write the segment into the memory."""
-        memory = self.state if (self.state is not None and self.carry_memory) else self.initial_memory(1)
+        memory = self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
         seg = segment_ids.view(1, -1).to(self.lm.device)
         logits, new_memory = self.cell(seg, memory)
         self.tokens_processed += 1 + 2 * self.num_mem + seg.shape[1]
@@ -232,7 +231,7 @@ class RMT(MemoryMethod):
         memory = self.initial_memory(segs[0].shape[0])
         total, count = 0.0, 0
         for i, seg in enumerate(segs):
-            if not self.carry_memory:
+            if self.reset_each_segment:
                 memory = self.initial_memory(seg.shape[0])
             logits, new_memory = self.cell(seg, memory)
             nll = token_nll(logits, seg.to(logits.device))
@@ -324,7 +323,7 @@ class RMT(MemoryMethod):
     def config(self) -> dict:
         """Options plus the resolved checkpoint (path and content hash) and architecture settings."""
         return {"name": self.name, **self.options, "checkpoint_id": self.checkpoint_id, "num_mem_tokens": self.num_mem,
-                "lora": self.lora, "carry_memory": self.carry_memory}
+                "lora": self.lora, "carry_memory": not self.reset_each_segment}  # key kept: run configs hash it
 
     # ---- QA ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -344,7 +343,7 @@ class RMT(MemoryMethod):
         gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm)
         max_new = int(getattr(self.generator, "max_new_tokens", 32))
         ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
-        memory = self.state if (self.state is not None and self.carry_memory) else self.initial_memory(1)
+        memory = self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
         emb = self._embed(ids.view(1, -1))
         x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
         mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
@@ -370,7 +369,7 @@ class RMT(MemoryMethod):
         if not hasattr(gen, "continuation_ids"):
             gen = HFGenerator(self.lm, system=self.prompt.system)
         ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
-        memory = self.state if (self.state is not None and self.carry_memory) else self.initial_memory(1)
+        memory = self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
         emb = self._embed(ids.view(1, -1))
         x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
         conts = [gen.continuation_ids(t)[: self.lm.max_length // 2] for t in texts]
@@ -386,4 +385,4 @@ class RMTReset(RMT):
 
     name = "rmt_reset"
     description = "RMT adapter, memory emptied at every segment (control)"
-    carry_memory = False
+    reset_each_segment = True

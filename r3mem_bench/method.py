@@ -82,6 +82,7 @@ class MemoryMethod(ABC):
     families: ClassVar[tuple[str, ...]] = ("lm", "rag", "dialogue")
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
+    reset_each_segment: ClassVar[bool] = False  # the reset control of a recurrent memory (``<method>_reset``)
     preset_options: ClassVar[dict] = {}  # options a derived name fixes (``r3mem:memory_tokens=4``); they win
     ingest_cache = None  # r3mem_bench.ingest_cache.IngestCache of the run (set by the runner), or None
     ingest_log = None  # callable(str) printing ingest progress to stderr (set by the runner), or None

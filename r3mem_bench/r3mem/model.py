@@ -30,7 +30,6 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
     trainable = True
     batched_training = True  # training_losses takes [B, S] segments (trainer --micro-batch)
     hierarchy = True
-    reset_each_segment = False
     loss_overrides: dict[str, float] = {}
     own_weights = False  # look for a shipped checkpoint under this variant's own name first
 

@@ -3,6 +3,7 @@ and (documents of 64 segments) the second half against the first, from committed
 
     python results/lm/long8k/differences.py                                  # results/lm/long8k/README.md
     python results/lm/long8k/differences.py results/r3mem/heldout/wikitext2  # the README's beyond-window numbers
+    python results/lm/long8k/differences.py results/r3mem/ablations/wikitext2 r3mem_no_recon:r3mem ...  # pairs A:B
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def main() -> None:
     global RUNS
     if len(sys.argv) > 1:
         RUNS = Path(sys.argv[1])
+    pairs = [tuple(p.split(":")) for p in sys.argv[2:]] or PAIRS
     for metric in ("ppl_after_first", "ppl_beyond_16", "ppl_beyond_64"):
-        for a, b in PAIRS:
+        for a, b in pairs:
             if not ((RUNS / a).is_dir() and (RUNS / b).is_dir()):
                 continue
             for unit in ("segment", "document"):
@@ -37,7 +39,7 @@ def main() -> None:
                                                         stats.lm_units(rows(b), metric, unit=unit))
                 print(f"{metric:16s} {a} - {b:13s} over {unit}s: {d:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     rng = np.random.default_rng(0)
-    if min(len(r["segment_tokens"]) for r in rows("no_memory")) < 64:
+    if not (RUNS / "no_memory").is_dir() or min(len(r["segment_tokens"]) for r in rows("no_memory")) < 64:
         return
     for d in sorted(p for p in RUNS.iterdir() if p.is_dir()):
         a = np.array([[sum(r["segment_nll_sum"][1:32]), sum(r["segment_tokens"][1:32]),
