@@ -108,13 +108,17 @@ def prefill_throughput(lm, prompts: list[str], batch: int) -> tuple[float, int]:
     return time.perf_counter() - t0, tokens
 
 
+STAGE2 = {"lora_r": 16, "lora_alpha": 32, "level_probs": [1.0, 0.0, 0.0], "train_memory_sizes": [16],
+          "train_memory_probs": [1.0]}
 TRAINING = [  # (label, method, segments, method options, precision, micro_batch, grad_accum)
     ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
     ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
-    ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
-    ("r3mem stage 2", "r3mem", 3, {"lora_r": 16, "lora_alpha": 32}, "bf16", 1, 4),
+    # stage 2 at document level with M = 16, so every step costs the same (levels and sizes are drawn per sample)
+    ("r3mem stage 2", "r3mem", 3, STAGE2, "fp32", 1, 4),
+    ("r3mem stage 2", "r3mem", 3, STAGE2, "bf16", 1, 4),
+    ("r3mem stage 2", "r3mem", 3, STAGE2, "bf16", 4, 1),
 ]
 
 

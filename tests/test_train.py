@@ -217,10 +217,44 @@ def test_micro_batch_and_precision_refusals(tmp_path, corpus):
         train(config(tmp_path / "m", corpus, micro_batch=0), quiet=True)
 
 
-def test_r3mem_refuses_micro_batches_after_the_warmup(tmp_path, corpus):
-    cfg = config(tmp_path / "r3", corpus, steps=3, micro_batch=2, method_options=dict(METHOD_ARGS, recon_warmup_steps=1))
-    with pytest.raises(UserError, match="batches only the autoencoding warm-up"):
-        train(cfg, quiet=True)
+@pytest.mark.parametrize("level_probs", [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+def test_r3mem_micro_batch_losses_are_the_mean_of_its_samples(tiny_lm, level_probs):
+    """After the warm-up a micro-batch shares one memory size and level: its losses (and gradients) equal the
+    mean of the same samples' losses run one at a time (document level batched, entity level looped)."""
+    from r3mem_bench.methods import get_method_class
+
+    opts = {"for_training": True, "segment_len": 12, "train_segments": 2, "max_memory_tokens": 4,
+            "memory_tokens": 4, "train_memory_sizes": [4], "train_memory_probs": [1.0], "w_cycle": 0.5,
+            "level_probs": level_probs}
+    ids = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    samples = [[torch.tensor(ids[o: o + 12]), torch.tensor(ids[o + 12: o + 24])] for o in (0, 40, 97)]
+    torch.manual_seed(0)
+    m = get_method_class("r3mem")(tiny_lm, opts)
+    m.train(True)
+    with torch.no_grad():
+        for n, p in m.net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    params = list(m.trainable_parameters().values())
+    m._pair = lambda segments, level: ([segments[0]], segments[1][:5])  # a fixed pair: no random pick to match
+
+    def run(segments):
+        for p in params:
+            p.grad = None
+        torch.manual_seed(3)
+        losses = m.training_losses(segments)
+        losses["loss"].backward()
+        return {k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in params if p.grad is not None]
+
+    batched, grads = run([torch.stack([s[i] for s in samples]) for i in range(2)])
+    singles = [run(s) for s in samples]
+    level = "level_document" if level_probs[0] else "level_entity"
+    assert batched[level] == 1 and all(s[0][level] == 1 for s in singles)
+    for key in ("lm", "kl", "recon", "cycle", "loss"):
+        assert batched[key] == pytest.approx(sum(s[0][key] for s in singles) / 3, rel=1e-4, abs=1e-6), key
+    assert batched["lm"] > 0 and batched["recon"] > 0
+    for i, g in enumerate(grads):
+        assert torch.allclose(g, sum(s[1][i] for s in singles) / 3, rtol=1e-3, atol=1e-6)
 
 
 def test_cli_stop_after_then_new_step_budget_records_the_schedule_change(tmp_path, corpus, cli):

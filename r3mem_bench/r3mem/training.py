@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
-from r3mem_bench.errors import UserError
 from r3mem_bench.r3mem.layout import LEVELS
 from r3mem_bench.scoring import token_nll
 
@@ -69,14 +68,12 @@ class TrainingMixin:
         """Losses of one training sample (consecutive [S] segments of one document), or of a micro-batch ([B, S]
         segments of B documents); ``loss`` is their weighted sum.
 
-        Only the autoencoding warm-up takes a micro-batch (one pass for all B samples); after it each sample draws
-        its own memory size and hierarchy level, so a micro-batch is refused (``--grad-accum`` gives the batch)."""
+        A micro-batch shares one memory size and one hierarchy level: document-level pairs (and the autoencoding
+        warm-up) run as one batched pass; paragraph and entity pairs, whose contexts differ in length, run one
+        sample at a time and their losses are averaged."""
         c = self.cfg
         batched = segments[0].dim() == 2
         warmup = getattr(self, "train_step", 0) < int(c["recon_warmup_steps"])
-        if batched and not warmup:
-            raise UserError("r3mem: --micro-batch > 1 batches only the autoencoding warm-up (recon_warmup_steps); "
-                            "fix: train later stages with --micro-batch 1 and --grad-accum for the batch")
         sizes, probs = c["train_memory_sizes"], torch.tensor(c["train_memory_probs"], dtype=torch.float)
         M = int(sizes[int(torch.multinomial(probs, 1))])
         dev = self.lm.device
@@ -92,36 +89,56 @@ class TrainingMixin:
             losses["loss"] = c["w_recon"] * losses["recon"] + c["w_cycle"] * losses["cycle"]
             losses["M"], losses["level_warmup"] = torch.tensor(float(M)), torch.tensor(1.0)
             return losses
-        empty = self.empty_memory(M)
         level = LEVELS[int(torch.multinomial(torch.tensor(c["level_probs"], dtype=torch.float), 1))]
-        pair = self._pair(segments, level) if level != "document" else None
-        if pair is None:
-            level = "document"
+        docs = [s.to(dev) if batched else s.to(dev).unsqueeze(0) for s in segments]  # [B, S] each
+        pairs = None
+        if level != "document":
+            samples = [[s[b] for s in segments] for b in range(docs[0].shape[0])] if batched else [segments]
+            pairs = [self._pair(sample, level) for sample in samples]
+            if any(p is None for p in pairs):
+                level, pairs = "document", None
         if level == "document":
-            memory, lm_terms = empty, []
-            for t, seg in enumerate(segments):
-                tokens = seg.to(dev).unsqueeze(0)
-                nll, logits, new = self._lm_nll(memory, tokens, write=True)
-                if t == 0 and c["w_kl"] > 0:
-                    with torch.no_grad(), self.net.disable_adapter():
-                        ref = self.net(input_ids=torch.cat([torch.tensor([[self.bos]], device=dev), tokens], 1)).logits[:, :-1]
-                    losses["kl"] = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
-                                            reduction="none").sum(-1).mean()
-                    self._adapter = None  # disable_adapter changed peft's state; re-select on next use
-                elif t > 0:
-                    lm_terms.append(nll)
-                prev, memory = memory, new
-            losses["lm"] = torch.stack(lm_terms).mean() if lm_terms else zero
-            losses.update(self._recon_and_cycle(memory, segments[-1].to(dev).unsqueeze(0), prev))
+            losses.update(self._document_losses(docs, M))
         else:
-            context, query = pair
-            memory = empty
-            for seg in context:
-                prev, (_, memory) = memory, self.compress(seg.to(dev).unsqueeze(0), memory)
-            losses["lm"], _, _ = self._lm_nll(memory, query.to(dev).unsqueeze(0), write=False)
-            losses.update(self._recon_and_cycle(memory, context[-1].to(dev).unsqueeze(0), prev))
+            parts = [self._pair_losses(context, query, M) for context, query in pairs]
+            for k in parts[0]:
+                losses[k] = torch.stack([p[k] for p in parts]).mean()
         losses["loss"] = (c["w_lm"] * losses["lm"] + c["w_kl"] * losses["kl"] + c["w_recon"] * losses["recon"]
                           + c["w_cycle"] * losses["cycle"])
         losses["M"] = torch.tensor(float(M))
         losses[f"level_{level}"] = torch.tensor(1.0)
         return losses
+
+    def _document_losses(self, docs: list[torch.Tensor], M: int) -> dict[str, torch.Tensor]:
+        """Document level: LM of segments 2.. through the recurrent memory, KL to the base model on the first,
+        reconstruction and cycle of the last; ``docs`` [B, S] segments of B documents."""
+        c, dev = self.cfg, self.lm.device
+        out: dict[str, torch.Tensor] = {}
+        memory, lm_terms = self.empty_memory(M, batch=docs[0].shape[0]), []
+        for t, tokens in enumerate(docs):
+            nll, logits, new = self._lm_nll(memory, tokens, write=True)
+            if t == 0 and c["w_kl"] > 0:
+                with torch.no_grad(), self.net.disable_adapter():
+                    bos = torch.full((tokens.shape[0], 1), self.bos, device=dev)
+                    ref = self.net(input_ids=torch.cat([bos, tokens], 1)).logits[:, :-1]
+                out["kl"] = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                                     reduction="none").sum(-1).mean()
+                self._adapter = None  # disable_adapter changed peft's state; re-select on next use
+            elif t > 0:
+                lm_terms.append(nll)
+            prev, memory = memory, new
+        if lm_terms:
+            out["lm"] = torch.stack(lm_terms).mean()
+        out.update(self._recon_and_cycle(memory, docs[-1], prev))
+        return out
+
+    def _pair_losses(self, context: list[torch.Tensor], query: torch.Tensor, M: int) -> dict[str, torch.Tensor]:
+        """Paragraph or entity level: LM of the query read after the memory of its context, reconstruction and
+        cycle of the context's last piece."""
+        dev = self.lm.device
+        memory = self.empty_memory(M)
+        for seg in context:
+            prev, (_, memory) = memory, self.compress(seg.to(dev).unsqueeze(0), memory)
+        out = {"lm": self._lm_nll(memory, query.to(dev).unsqueeze(0), write=False)[0]}
+        out.update(self._recon_and_cycle(memory, context[-1].to(dev).unsqueeze(0), prev))
+        return out
