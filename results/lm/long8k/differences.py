@@ -3,7 +3,8 @@ and (documents of 64 segments) the second half against the first, from committed
 
     python results/lm/long8k/differences.py                                  # results/lm/long8k/README.md
     python results/lm/long8k/differences.py results/r3mem/heldout/wikitext2  # the README's beyond-window numbers
-    python results/lm/long8k/differences.py results/r3mem/ablations/wikitext2 r3mem_no_recon:r3mem ...  # pairs A:B
+    python results/lm/long8k/differences.py results/r3mem/ablations/wikitext2 r3mem_no_recon:r3mem \
+        r3mem:results/r3mem/heldout/wikitext2/r3mem ...   # pairs A:B (a name with '/' is a run directory)
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ RUNS = Path(__file__).resolve().parent / "wikitext2"
 PAIRS = [("r3mem", "window@r3mem"), ("r3mem", "r3mem_reset"), ("rmt", "rmt_reset"), ("r3mem", "rmt")]
 
 
+def run_dir(method: str) -> Path:
+    """A method's run directory under RUNS, or a run directory's path (a name with a '/')."""
+    return Path(method) if "/" in method else RUNS / method
+
+
 def rows(method: str) -> list[dict]:
-    return [json.loads(line) for line in (RUNS / method / "results.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir(method) / "results.jsonl").read_text().splitlines()]
 
 
 def main() -> None:
@@ -32,7 +38,7 @@ def main() -> None:
     pairs = [tuple(p.split(":")) for p in sys.argv[2:]] or PAIRS
     for metric in ("ppl_after_first", "ppl_beyond_16", "ppl_beyond_64"):
         for a, b in pairs:
-            if not ((RUNS / a).is_dir() and (RUNS / b).is_dir()):
+            if not (run_dir(a).is_dir() and run_dir(b).is_dir()):
                 continue
             for unit in ("segment", "document"):
                 d, lo, hi = stats.paired_bootstrap_diff(stats.lm_units(rows(a), metric, unit=unit),
