@@ -171,6 +171,11 @@ class RMT(MemoryMethod):
         """The learned memory, repeated for a batch: [B, M, H]."""
         return self.memory.unsqueeze(0).expand(batch, -1, -1)
 
+    def carried_memory(self) -> torch.Tensor:
+        """The memory the next read starts from: the state written so far, or the learned initial memory (before
+        any text, and always in the reset control). [1, M, H]"""
+        return self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
+
     def cell(self, seg_ids: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One segment [B, S] with memory [B, M, H] -> (logits [B, S, V] predicting each token, new memory)."""
         b, s = seg_ids.shape
@@ -198,7 +203,7 @@ class RMT(MemoryMethod):
     @torch.no_grad()
     def score_segment(self, segment_ids: torch.Tensor) -> torch.Tensor:
         """NLL of the segment given the carried memory; then write the segment into the memory."""
-        memory = self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
+        memory = self.carried_memory()
         seg = segment_ids.view(1, -1).to(self.lm.device)
         logits, new_memory = self.cell(seg, memory)
         self.tokens_processed += 1 + 2 * self.num_mem + seg.shape[1]
@@ -343,7 +348,7 @@ class RMT(MemoryMethod):
         gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm)
         max_new = int(getattr(self.generator, "max_new_tokens", 32))
         ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
-        memory = self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
+        memory = self.carried_memory()
         emb = self._embed(ids.view(1, -1))
         x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
         mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
@@ -369,7 +374,7 @@ class RMT(MemoryMethod):
         if not hasattr(gen, "continuation_ids"):
             gen = HFGenerator(self.lm, system=self.prompt.system)
         ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
-        memory = self.state if (self.state is not None and not self.reset_each_segment) else self.initial_memory(1)
+        memory = self.carried_memory()
         emb = self._embed(ids.view(1, -1))
         x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
         conts = [gen.continuation_ids(t)[: self.lm.max_length // 2] for t in texts]

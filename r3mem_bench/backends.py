@@ -19,16 +19,6 @@ BACKENDS = ("auto", "hf", "vllm")
 _SAID: set[str] = set()  # fallback reasons already printed in this process
 
 
-def vllm_unavailable_reason(model: str) -> str | None:
-    """Why vLLM cannot serve ``model`` here (``None`` when it can)."""
-    from r3mem_bench.vllm_backend import vllm_unavailable_reason as missing
-
-    reason = missing()
-    if reason is None and model == "tiny-random":
-        reason = "model 'tiny-random' exists only in memory (vLLM loads weights from a directory or hub id)"
-    return reason
-
-
 def resolve_backend(backend: str, model: str) -> str:
     """The backend that will generate: ``hf`` or ``vllm`` (``auto`` resolved; unknown names refused)."""
     from r3mem_bench.errors import UserError
@@ -37,7 +27,9 @@ def resolve_backend(backend: str, model: str) -> str:
         raise UserError(f"--backend {backend}: unknown; fix: use auto, hf or vllm")
     if backend != "auto":
         return backend
-    reason = vllm_unavailable_reason(model)
+    from r3mem_bench.vllm_backend import serve_reason
+
+    reason = serve_reason(model)
     if reason is None:
         return "vllm"
     # on a machine where vLLM could be expected (CUDA or vllm present), say once why HF generates instead

@@ -35,6 +35,15 @@ def vllm_unavailable_reason() -> str | None:
     return None
 
 
+def serve_reason(model: str) -> str | None:
+    """Why vLLM cannot serve ``model`` here (``None`` when it can): ``vllm_unavailable_reason``, or a model
+    without weights on disk or on the hub (``tiny-random``)."""
+    reason = vllm_unavailable_reason()
+    if reason is None and model == "tiny-random":
+        reason = "model 'tiny-random' exists only in memory (vLLM loads weights from a directory or hub id)"
+    return reason
+
+
 _ENGINES: dict[tuple, object] = {}  # one vllm.LLM per (model path, dtype, max_model_len) in this process
 
 
@@ -62,13 +71,11 @@ class VLLMGenerator(HFGenerator):
                  seed: int = 0):
         super().__init__(lm, max_new_tokens=max_new_tokens, system=system, max_prompt_tokens=max_prompt_tokens,
                          batch_size=batch_size)
-        reason = vllm_unavailable_reason()
+        reason = serve_reason(lm.name)
         if reason:
-            raise UserError(f"--backend vllm: {reason}; fix: use --backend hf, or run on a CUDA machine with vllm")
+            raise UserError(f"--backend vllm: {reason}; fix: use --backend hf, or a CUDA machine with vllm and a "
+                            "model with a directory or hub id")
         self.path = resolve_model_path(lm.name)
-        if self.path == "tiny-random":
-            raise UserError("--backend vllm: model 'tiny-random' exists only in memory; fix: use --backend hf "
-                            "or a model with a directory or hub id")
         self.dtype = str(lm.info.get("dtype", "float32")).replace("torch.", "")
         self.gpu_memory_utilization, self.seed = gpu_memory_utilization, seed
 

@@ -47,8 +47,8 @@ def fake_vllm(monkeypatch, tiny_lm):
 
     fake = FakeVLLM(tiny_lm.tokenizer)
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
-    monkeypatch.setattr(vb, "vllm_unavailable_reason", lambda: None)
-    monkeypatch.setattr(vb, "resolve_model_path", lambda name: "/models/fake")  # as if it had a directory
+    monkeypatch.setattr(vb, "serve_reason", lambda model: None)  # as if tiny-random had a directory
+    monkeypatch.setattr(vb, "resolve_model_path", lambda name: "/models/fake")
     monkeypatch.setattr(vb, "_ENGINES", {})
     return fake
 
