@@ -225,6 +225,49 @@ def test_qa_ingest_retrieve_hierarchy_and_state(tiny_lm):
     assert isinstance(flat.retrieve("Where?")[0], str)
 
 
+def test_ragged_rows_compress_as_if_alone(tiny_lm):
+    """compress(lengths=...): each right-padded row's memory and hidden states equal those of its text compressed
+    alone, whatever the padding holds."""
+    m = trainee(tiny_lm)
+    m.train(False)
+    lengths = [16, 9, 13, 9, 3]
+    rows = torch.randint(100, 5000, (len(lengths), 16), generator=torch.Generator().manual_seed(3))
+    junk = rows.clone()
+    for b, n in enumerate(lengths):
+        junk[b, n:] = (junk[b, n:] * 7 + 11) % 5000 + 100  # other padding: must change nothing
+    with torch.no_grad():
+        hidden, memory = m.compress(rows, m.empty_memory(batch=len(lengths)), lengths=lengths)
+        _, memory_junk = m.compress(junk, m.empty_memory(batch=len(lengths)), lengths=lengths)
+        for b, n in enumerate(lengths):
+            h1, m1 = m.compress(rows[b:b + 1, :n], m.empty_memory())
+            assert torch.allclose(memory[:, :, b], m1[:, :, 0], atol=1e-5)
+            assert torch.allclose(hidden[b, :n], h1[0], atol=1e-5)
+            assert torch.all(hidden[b, n:] == 0)
+        assert torch.allclose(memory, memory_junk, atol=1e-6)
+
+
+def test_batched_ingest_equals_one_item_at_a_time(tiny_lm):
+    """Paragraph and entity memories compressed ``ingest_batch`` at a time equal those compressed one by one
+    (float16 storage), with the same bank order and token count; items longer than a segment included."""
+    words = "Marie Curie lived in Paris and Warsaw with Pierre near the river and the old tower".split()
+    items = [MemoryItem(f"p{i}", " ".join(words[: 3 + (5 * i) % 13]) + f" Marie Curie item {i}.") for i in range(9)]
+    items.append(MemoryItem("long", " ".join(words * 3)))  # several 16-token chunks
+    banks = []
+    for batch in (1, 4):
+        m = make(tiny_lm)
+        m.ingest_batch = batch
+        m.reset()
+        m.ingest(items)
+        banks.append((m.bank, m.tokens_processed))
+    (one, tokens_one), (four, tokens_four) = banks
+    assert tokens_one == tokens_four
+    assert [(e["ids"], e["kind"], e.get("key"), e["tokens"]) for e in one] == \
+        [(e["ids"], e["kind"], e.get("key"), e["tokens"]) for e in four]
+    assert any(e["tokens"] > 16 for e in one) and any(e["kind"] == "entity" for e in one)
+    for a, b in zip(one, four):
+        assert torch.allclose(a["memory"].float(), b["memory"].float(), atol=2e-3, rtol=1e-3)
+
+
 def test_reconstruct_returns_text_and_rouge(tiny_lm):
     m = make(tiny_lm, recon_max_tokens=6)
     _, memory = m.compress(segs(1)[0].unsqueeze(0), m.empty_memory())
@@ -279,9 +322,8 @@ def test_recon_warmup_stage_trains_only_the_autoencoder(tiny_lm):
     assert "level_warmup" not in losses and float(losses["lm"]) > 0
 
 
-@pytest.mark.parametrize("reader", ["expand", "compress"])
-def test_both_readers_read_the_memory_and_count_their_passes(tiny_lm, reader):
-    m = trainee(tiny_lm, reader=reader)
+def test_reader_reads_the_memory_and_counts_its_passes(tiny_lm):
+    m = trainee(tiny_lm)
     m.train(False)
     first1, first2, second = segs(3)
     outs = []
@@ -290,21 +332,28 @@ def test_both_readers_read_the_memory_and_count_their_passes(tiny_lm, reader):
         m.score_segment(first)
         before = m.tokens_processed
         outs.append(m.score_segment(second))
-        assert m.tokens_processed - before == m.read_cost(16, 4, True)
+        assert m.tokens_processed - before == (1 + 16) + (1 + 16 + 4)  # read pass, then the write pass
     assert not torch.allclose(outs[0], outs[1], atol=1e-6)
-    assert m.read_cost(16, 4, True) == (17 if reader == "compress" else 17 + 17) + 4
 
 
-def test_legacy_checkpoint_without_reader_loads_as_compress_reader(tiny_lm, tmp_path):
-    m = trainee(tiny_lm, reader="compress")
+@pytest.mark.parametrize("key,old", [("reader", "compress"), ("slot_layout", "append"), ("slot_layout", None)])
+def test_checkpoints_of_unimplemented_architectures_are_refused(tiny_lm, tmp_path, key, old):
+    """A checkpoint trained with a reader or slot layout this code does not implement (or written before the
+    option existed) is refused with one line naming the option, at load and as an --init-from stage."""
+    m = trainee(tiny_lm)
     m.save_checkpoint(tmp_path / "ck")
     meta = json.loads((tmp_path / "ck" / "r3mem.json").read_text())
-    del meta["config"]["reader"]
+    if old is None:
+        del meta["config"][key]
+    else:
+        meta["config"][key] = old
     (tmp_path / "ck" / "r3mem.json").write_text(json.dumps(meta))
-    loaded = get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 4})
-    assert loaded.cfg["reader"] == "compress"
-    with pytest.raises(UserError, match="reader"):
-        get_method_class("r3mem")(tiny_lm, {"untrained": True, "reader": "sideways"})
+    with pytest.raises(UserError, match=f"trained with {key}={old or 'unset'}"):
+        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 4})
+    with pytest.raises(UserError, match=key):
+        trainee(tiny_lm).load_checkpoint(tmp_path / "ck")
+    with pytest.raises(UserError, match=f"{key}='sideways' is not implemented"):
+        get_method_class("r3mem")(tiny_lm, {"untrained": True, key: "sideways"})
 
 
 def test_ablations_prefer_their_own_shipped_checkpoint(tiny_lm, tmp_path, monkeypatch):
@@ -325,27 +374,23 @@ def test_slot_order_places_each_slot_after_its_span():
     from r3mem_bench.r3mem import slot_order
 
     for T, M in [(16, 4), (128, 16), (10, 3), (3, 5)]:
-        for layout in ("append", "interleave", "anchored"):
-            order, slot_index = slot_order(T, M, layout)
-            assert sorted(order.tolist()) == list(range(T + M))  # a permutation of [text, slots]
-            assert order[slot_index].tolist() == [T + j for j in range(M)]  # slots in order, at slot_index
-            text_before = (slot_index - torch.arange(M)).tolist()
-            expected = [T] * M if layout == "append" else [-(-(j + 1) * T // M) for j in range(M)]
-            assert text_before == expected
-    assert slot_order(16, 4, "interleave")[1].tolist() == [4, 9, 14, 19]
+        order, slot_index = slot_order(T, M)
+        assert sorted(order.tolist()) == list(range(T + M))  # a permutation of [text, slots]
+        assert order[slot_index].tolist() == [T + j for j in range(M)]  # slots in order, at slot_index
+        text_before = (slot_index - torch.arange(M)).tolist()
+        assert text_before == [-(-(j + 1) * T // M) for j in range(M)]
+    assert slot_order(16, 4)[1].tolist() == [4, 9, 14, 19]
 
 
-@pytest.mark.parametrize("layout", ["append", "interleave", "anchored"])
-def test_interleaved_slots_see_only_their_prefix(tiny_lm, layout):
-    m = make(tiny_lm, slot_layout=layout)
+def test_slots_see_only_their_prefix(tiny_lm):
+    m = make(tiny_lm)
     a = segs(1)[0].unsqueeze(0)  # [1, 16]
     b = a.clone()
     b[0, -1] = (b[0, -1] + 7) % 5000 + 100  # only the last token differs
     with torch.no_grad():
         mem_a = m.compress(a, m.empty_memory())[1]  # [L,2,1,H,4,D]
         mem_b = m.compress(b, m.empty_memory())[1]
-    first_same = torch.allclose(mem_a[..., 0, :], mem_b[..., 0, :], atol=1e-6)
-    assert first_same == (layout != "append")  # interleaved slot 0 sits after tokens 0..3 only
+    assert torch.allclose(mem_a[..., 0, :], mem_b[..., 0, :], atol=1e-6)  # slot 0 sits after tokens 0..3 only
     assert not torch.allclose(mem_a[..., -1, :], mem_b[..., -1, :], atol=1e-6)  # the last slot saw the change
     with torch.no_grad():  # the memory still reads as a memory: scores are finite and it differs from the empty one
         logits, _ = m.read(a, mem_a, write=False)
@@ -353,26 +398,13 @@ def test_interleaved_slots_see_only_their_prefix(tiny_lm, layout):
     assert not torch.allclose(mem_a, m.empty_memory(), atol=1e-4)
 
 
-def test_interleaved_layout_needs_the_expand_reader(tiny_lm):
-    with pytest.raises(UserError, match="slot_layout"):
-        make(tiny_lm, reader="compress", slot_layout="interleave")
-    with pytest.raises(UserError, match="slot_layout"):
-        make(tiny_lm, slot_layout="diagonal")
-    assert make(tiny_lm, reader="compress").cfg["slot_layout"] == "append"
-
-
-def test_checkpoint_without_slot_layout_loads_as_append_and_mismatches_are_refused(tiny_lm, tmp_path):
-    m = trainee(tiny_lm, slot_layout="append")
+def test_second_stage_with_other_slot_positions_is_refused(tiny_lm, tmp_path):
+    m = trainee(tiny_lm, slot_positions="collapsed")
     m.save_checkpoint(tmp_path / "ck")
-    meta = json.loads((tmp_path / "ck" / "r3mem.json").read_text())
-    del meta["config"]["slot_layout"]  # written before the option existed (the v3 checkpoint)
-    (tmp_path / "ck" / "r3mem.json").write_text(json.dumps(meta))
-    loaded = get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "memory_tokens": 4})
-    assert loaded.cfg["slot_layout"] == "append"
-    with pytest.raises(UserError, match="slot_layout='append'"):  # e.g. a second stage started with another layout
-        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "slot_layout": "anchored"})
-    fresh = get_method_class("r3mem")(tiny_lm, {**TRAIN_OPTS, "slot_layout": "anchored"})
-    with pytest.raises(UserError, match="slot_layout"):
+    with pytest.raises(UserError, match="slot_positions='collapsed'"):
+        get_method_class("r3mem")(tiny_lm, {"checkpoint": str(tmp_path / "ck"), "slot_positions": "ordered"})
+    fresh = get_method_class("r3mem")(tiny_lm, {**TRAIN_OPTS, "slot_positions": "ordered"})
+    with pytest.raises(UserError, match="slot_positions"):
         fresh.load_checkpoint(tmp_path / "ck")
 
 
@@ -393,9 +425,8 @@ def test_greedy_reconstruction_without_repeated_ngrams(tiny_lm):
     assert len(ids) > 5 and len(bigrams) == len(set(bigrams))
 
 
-@pytest.mark.parametrize("layout", ["append", "interleave", "anchored"])
 @pytest.mark.parametrize("positions", ["ordered", "collapsed"])
-def test_slot_keys_sit_at_their_documented_positions(tiny_lm, layout, positions):
+def test_slot_keys_sit_at_their_documented_positions(tiny_lm, positions):
     """Layer 0's key of a slot depends only on its input embedding, so each stored key must equal that key
     rotated (RoPE) to the slot's documented position: 1+j for written slots (``ordered``) or 1 (``collapsed``),
     and 1+j for the empty memory's slots."""
@@ -403,7 +434,7 @@ def test_slot_keys_sit_at_their_documented_positions(tiny_lm, layout, positions)
 
     M, T = 4, 8
     m = get_method_class("r3mem")(tiny_lm, {"untrained": True, "max_memory_tokens": M, "memory_tokens": M,
-                                            "slot_layout": layout, "slot_positions": positions})
+                                            "slot_positions": positions})
     layer = m.decoder.layers[0]
     heads, dim = m.shape["kv_heads"], m.shape["head_dim"]
 
@@ -420,9 +451,8 @@ def test_slot_keys_sit_at_their_documented_positions(tiny_lm, layout, positions)
         _, written = m.compress(tokens, empty)
     slots = m.slots[:M].detach()
     assert torch.allclose(empty[0, 0, 0], expected_keys(slots, list(range(1, M + 1))), atol=1e-5)
-    if layout == "anchored":  # slot j also carries the embedding of the text token just before it
-        before = [-(-(j + 1) * T // M) - 1 for j in range(M)]
-        slots = slots + m.embed(tokens[0, before]).detach()
+    before = [-(-(j + 1) * T // M) - 1 for j in range(M)]  # slot j also carries the embedding of the token before it
+    slots = slots + m.embed(tokens[0, before]).detach()
     where = list(range(1, M + 1)) if positions == "ordered" else [1] * M
     assert torch.allclose(written[0, 0, 0], expected_keys(slots, where), atol=1e-5)
 
@@ -430,9 +460,7 @@ def test_slot_keys_sit_at_their_documented_positions(tiny_lm, layout, positions)
 def test_checkpoints_without_slot_positions_load_as_trained():
     from r3mem_bench.r3mem import trained_arch
 
-    assert trained_arch({"slot_layout": "append"}, "slot_positions") == "ordered"
-    assert trained_arch({}, "slot_positions") == "ordered"  # no layout key: the append layout
-    assert trained_arch({"slot_layout": "anchored"}, "slot_positions") == "collapsed"
+    assert trained_arch({"slot_layout": "anchored"}, "slot_positions") == "collapsed"  # written before the option
     assert trained_arch({"slot_layout": "anchored", "slot_positions": "ordered"}, "slot_positions") == "ordered"
 
 

@@ -35,29 +35,26 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   is position-independent and the recurrence ``memory_t = compress(segment_t | memory_{t-1})`` keeps the same
   layout for ever: a constant-size state for any history length. ``slot_positions=ordered`` (default) keys
   written slot j at position 1+j, as the empty memory's slots sit; ``collapsed`` keys every written slot at
-  position 1, which is how the shipped anchored checkpoint was trained (checkpoints without the key load with the
-  positions they were trained with: ``ordered`` for ``append``, ``collapsed`` for the interleaved layouts).
-* Where the slots go (``slot_layout``). ``append``: all M slots after the text (the shipped ablation
-  checkpoints; a checkpoint without the key loads as ``append``). ``interleave``: slot j right after text token
+  position 1, which is how the shipped checkpoints were trained (a checkpoint without the key loads as
+  ``collapsed``).
+* Where the slots go (``slot_layout=anchored``, the one layout implemented): slot j right after text token
   ceil((j+1)T/M)-1, so each slot follows the span it summarises, as Activation Beacon's beacons do (Zhang et
-  al. 2024, arXiv 2401.03462); every slot still sees the whole prefix. ``anchored`` (default; the shipped R3Mem):
-  interleaved, and slot j's input embedding is its learned vector plus the embedding of the text token just
-  before it, so each virtual token starts out as a copy of a real one and the expand adapter can read it as
-  text; in the autoencoding stage it reconstructs better than ``append`` and ``interleave`` on the same data and
-  seed (the probe is in ../shared/design/r3mem.md and git history).
+  al. 2024, arXiv 2401.03462), and every slot still sees the whole prefix; slot j's input embedding is its learned
+  vector plus the embedding of the text token just before it, so each virtual token starts out as a copy of a
+  real one and the expand adapter can read it as text. In the autoencoding stage it reconstructed better than
+  all slots after the text and than the same interleaving without the anchor, on the same data and seed (the
+  probe is in ../shared/design/r3mem.md and git history).
 * Forward (retain, ``compress`` adapter): ``[BOS][memory][BOS as read marker][segment][slots]`` writes the next
   memory (the slots' keys/values). The memory before the first segment is the "empty" memory: the slots run
   through ``[BOS][slots]`` alone.
 * Backward (retrieve, ``expand`` adapter): ``[BOS][memory][AE marker]`` decodes the text (teacher forcing in
   training, greedy in ``reconstruct(memory)``), ending with EOS.
-* Reading the memory for the next segment (``reader`` option). ``reader=expand`` (default): the decoder side
-  reads, as in ICAE where one decoder both reconstructs (AE token) and
-  continues (LM token) from the memory: ``[BOS][memory][BOS][segment]`` under ``expand`` scores the segment
-  (the read marker BOS predicts its first token; no_memory starts from the same BOS), then a ``compress``
-  pass writes. With ``reader=compress`` (one pass reads and writes) the autoencoding that teaches the writer
-  also drifts the same adapter's reading; with the expand reader the writer may change freely and the reader
-  is the adapter that has learnt to attend to memories. Cost: two passes per segment instead of one, counted in
-  ``tokens_processed``. A checkpoint without the option loads as ``reader=compress``.
+* Reading the memory for the next segment (``reader=expand``, the one reader implemented): the decoder side
+  reads, as in ICAE where one decoder both reconstructs (AE token) and continues (LM token) from the memory:
+  ``[BOS][memory][BOS][segment]`` under ``expand`` scores the segment (the read marker BOS predicts its first
+  token; no_memory starts from the same BOS), then a ``compress`` pass writes. The writer may change freely
+  while the reader is the adapter that has learnt to attend to memories. Cost: two passes per segment, counted
+  in ``tokens_processed``.
 * Training in two stages with the project's ``train`` command: (1) ``recon_warmup_steps`` steps of
   autoencoding only (one segment -> memory -> reconstruct it; ICAE's pretraining objective), which teaches the
   writer to put the text into the slots; (2) ``train --init-from STAGE1`` with every loss below.

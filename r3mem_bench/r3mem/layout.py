@@ -11,22 +11,32 @@ WEIGHTS, META = "r3mem.safetensors", "r3mem.json"
 # Options: architecture (fixed by a checkpoint) and behaviour (free at run time).
 ARCH_DEFAULTS = {"max_memory_tokens": 64, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear",
                  "reader": "expand", "slot_layout": "anchored", "slot_positions": "ordered"}
-LEGACY_ARCH = {"reader": "compress", "slot_layout": "append"}  # checkpoints written before an option existed behave as they were trained
 SLOT_POSITIONS = ("ordered", "collapsed")
+ONE_VALUE_ARCH = {"reader": "expand", "slot_layout": "anchored"}  # options kept in configs; one value implemented
 
 
 def trained_arch(config: dict, key: str):
     """The value of architecture option ``key`` a checkpoint was trained with (its JSON ``config``).
 
-    Checkpoints written before an option existed behave as they were trained: ``reader=compress``,
-    ``slot_layout=append``, and for ``slot_positions`` the positions the code of their time wrote: slot j at 1+j
-    (``ordered``) for the ``append`` layout, every written slot at 1 (``collapsed``) for the interleaved layouts.
+    A checkpoint written before ``slot_positions`` existed keyed every written slot at position 1 (``collapsed``).
+    ``reader`` and ``slot_layout`` have one implemented value each; a checkpoint without them predates both (a
+    one-pass reader with slots after the text) and is refused when loaded (``arch_problem``).
     """
     if key in config:
         return config[key]
-    if key == "slot_positions":
-        return "ordered" if trained_arch(config, "slot_layout") == "append" else "collapsed"
-    return LEGACY_ARCH.get(key)
+    return "collapsed" if key == "slot_positions" else None
+
+
+def arch_problem(config: dict) -> str | None:
+    """Why a checkpoint's architecture cannot be run by this code (None when it can)."""
+    for key, value in ONE_VALUE_ARCH.items():
+        trained = trained_arch(config, key)
+        if trained != value:
+            return (f"trained with {key}={trained or 'unset'}, which this version does not implement (only {key}={value}); "
+                    "fix: retrain with `r3mem-bench train --method r3mem`")
+    return None
+
+
 RUN_DEFAULTS = {
     "memory_tokens": 16, "segment_len": 128, "train_segments": 3, "train_memory_sizes": [8, 16, 32, 64],
     "train_memory_probs": [0.2, 0.5, 0.2, 0.1], "level_probs": [0.6, 0.2, 0.2], "w_lm": 1.0, "w_kl": 1.0,
@@ -39,12 +49,15 @@ LEVELS = ("document", "paragraph", "entity")
 
 
 def rotate_keys(keys: torch.Tensor, shift: int | torch.Tensor, rotary) -> torch.Tensor:
-    """Move RoPE keys [..., T, D] by ``shift`` positions (an int, or one shift per key: LongTensor [T]), exactly."""
-    shift = torch.as_tensor(shift, dtype=torch.long, device=keys.device).reshape(1, -1)  # [1, 1] or [1, T]
-    cos, sin = rotary(keys, shift)  # [1, 1 or T, D]
+    """Move RoPE keys by ``shift`` positions, exactly: keys [..., T, D] by an int or one shift per key
+    (LongTensor [T]); or keys [L, B, H, T, D] by one shift per row and key (LongTensor [B, T])."""
+    shift = torch.as_tensor(shift, dtype=torch.long, device=keys.device)
+    per_row = shift.dim() == 2
+    cos, sin = rotary(keys, shift if per_row else shift.reshape(1, -1))  # [B or 1, T or 1, D]
+    cos, sin = (cos.unsqueeze(1), sin.unsqueeze(1)) if per_row else (cos[0], sin[0])  # [B, 1, T, D] or [T, D]
     half = keys.shape[-1] // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos[0] + rotated * sin[0]
+    return keys * cos + rotated * sin
 
 
 def repeated_ngram_ends(seq: list[int], n: int) -> list[int]:
@@ -56,14 +69,11 @@ def repeated_ngram_ends(seq: list[int], n: int) -> list[int]:
     return sorted({seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix})
 
 
-def slot_order(T: int, M: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_order(T: int, M: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the M slots go among T text tokens: (permutation of ``[text, slots]`` into pass order [T+M],
-    sequence index of each slot [M]). ``append``: all slots after the text. ``interleave``: slot j right after
-    text token ceil((j+1)*T/M)-1, so each slot follows the span it summarises (Activation Beacon's layout)."""
-    if layout == "append":  # "anchored" is "interleave" with another slot input (see R3Mem.compress)
-        after = torch.full((M,), T, dtype=torch.long)
-    else:
-        after = torch.tensor([-(-(j + 1) * T // M) for j in range(M)], dtype=torch.long)  # text tokens before slot j
+    sequence index of each slot [M]). Slot j sits right after text token ceil((j+1)*T/M)-1, so each slot follows
+    the span it summarises (Activation Beacon's layout)."""
+    after = torch.tensor([-(-(j + 1) * T // M) for j in range(M)], dtype=torch.long)  # text tokens before slot j
     slot_index = after + torch.arange(M)  # [M]
     is_slot = torch.zeros(T + M, dtype=torch.bool)
     is_slot[slot_index] = True

@@ -14,8 +14,9 @@ from r3mem_bench.errors import UserError
 from r3mem_bench.method import MemoryMethod, tensor_bytes
 from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
-from r3mem_bench.r3mem.layout import (ARCH_DEFAULTS, CHECKPOINT_FORMAT, META, QA_READERS, RUN_DEFAULTS, SLOT_POSITIONS,
-                                      WEIGHTS, repeated_ngram_ends, rotate_keys, slot_order, trained_arch)
+from r3mem_bench.r3mem.layout import (ARCH_DEFAULTS, CHECKPOINT_FORMAT, META, ONE_VALUE_ARCH, QA_READERS, RUN_DEFAULTS,
+                                      SLOT_POSITIONS, WEIGHTS, arch_problem, repeated_ngram_ends, rotate_keys, slot_order,
+                                      trained_arch)
 from r3mem_bench.r3mem.qa import QAMixin
 from r3mem_bench.r3mem.training import TrainingMixin
 from r3mem_bench.scoring import token_nll
@@ -56,18 +57,12 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         if not self.hierarchy:
             self.cfg["level_probs"] = [1.0, 0.0, 0.0]
         self.M = int(self.cfg["memory_tokens"])
-        if self.cfg["reader"] not in ("expand", "compress"):
-            raise UserError(f"r3mem: reader={self.cfg['reader']!r}; fix: use reader=expand or reader=compress")
-        if self.cfg["slot_layout"] not in ("append", "interleave", "anchored"):
-            raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']!r}; fix: use slot_layout=anchored, interleave or append")
+        for key, value in ONE_VALUE_ARCH.items():
+            if self.cfg[key] != value:
+                raise UserError(f"r3mem: {key}={self.cfg[key]!r} is not implemented; fix: drop the option (only {key}={value})")
         if self.cfg["slot_positions"] not in SLOT_POSITIONS:
             raise UserError(f"r3mem: slot_positions={self.cfg['slot_positions']!r}; fix: use slot_positions=ordered "
                             "(written slot j keyed at position 1+j) or collapsed (every written slot at 1)")
-        if self.cfg["reader"] == "compress" and "slot_layout" not in opts:
-            self.cfg["slot_layout"] = "append"  # the one layout the one-pass reader supports
-        if self.cfg["slot_layout"] != "append" and self.cfg["reader"] == "compress":
-            raise UserError(f"r3mem: slot_layout={self.cfg['slot_layout']} puts slots inside the text the compress pass reads; "
-                            "fix: use reader=expand with it, or slot_layout=append")
         if self.cfg["qa_reader"] not in QA_READERS:
             raise UserError(f"r3mem: qa_reader={self.cfg['qa_reader']!r}; fix: use qa_reader=reconstruct (reconstructions "
                             "in the prompt) or qa_reader=memory (the answer reads the memories' key/values)")
@@ -187,12 +182,14 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
             self._cache[key] = mem
         return mem.expand(-1, -1, batch, -1, -1, -1)
 
-    def compress(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def compress(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True,
+                 lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read ``tokens`` [B, T] after ``memory`` [L,2,B,H,M,D] and (``write``) fold them into a new memory.
 
         Returns hidden states [B, T, d] that predict tokens[:, 0..T-1] (from the read marker and tokens[:, :-1])
-        and the new memory [L, 2, B, H, M, D] (None when not writing).
+        and the new memory [L, 2, B, H, M, D] (None when not writing). ``lengths`` [B]: row b's text is
+        ``tokens[b, :lengths[b]]`` (right padding; its slots follow its own text, and the padding comes after every
+        real token and slot of the row, so causal attention never lets it in; its hidden states are zeros).
         """
         self._use("compress")
         B, T = tokens.shape
@@ -202,18 +199,28 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         if not write:
             hidden, _ = self._forward(past, torch.cat([read, self.embed(tokens)], dim=1), M + 1)
             return hidden[:, :T], None
-        order, slot_index = slot_order(T, M, self.cfg["slot_layout"])
         text = self.embed(tokens)  # [B, T, d]
-        slots = self.slots[:M].unsqueeze(0).expand(B, -1, -1)  # [B, M, d]
-        if self.cfg["slot_layout"] == "anchored":  # slot j also carries the embedding of the token just before it
-            slots = slots + text[:, (slot_index - torch.arange(M) - 1).clamp(min=0).to(text.device)]
-        body = torch.cat([text, slots], dim=1)[:, order]
+        lengths = [T] * B if lengths is None else [int(n) for n in lengths]
+        body = text.new_zeros(B, T + M, text.shape[-1])  # per row: text and slots in pass order, then padding
+        slot_at = torch.empty(B, M, dtype=torch.long)  # sequence index of each row's slots
+        text_at = torch.zeros(B, T, dtype=torch.long)  # index of the hidden state predicting each text token
+        for n in sorted(set(lengths)):  # rows of one length share one slot order
+            rows = torch.tensor([b for b, x in enumerate(lengths) if x == n])
+            order, slot_index = slot_order(n, M)
+            part = text[rows.to(text.device), :n]  # [b, n, d]
+            # anchored: slot j also carries the embedding of the token just before it
+            slots = self.slots[:M] + part[:, (slot_index - torch.arange(M) - 1).clamp(min=0).to(text.device)]
+            body[rows.to(text.device), :n + M] = torch.cat([part, slots], dim=1)[:, order.to(text.device)]
+            slot_at[rows] = slot_index
+            text_at[rows, :n] = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (order < n).nonzero()[:-1, 0]])
         hidden, kv = self._forward(past, torch.cat([read, body], dim=1), M + 1)  # body k at position M+2+k
-        slot_kv = kv[..., 1 + slot_index.to(kv.device), :]  # [L,2,B,H,M,D]
+        slot_kv = torch.stack([kv[:, :, b, :, 1 + slot_at[b].to(kv.device)] for b in range(B)], dim=2)  # [L,2,B,H,M,D]
         target = 1 + torch.arange(M) if self.cfg["slot_positions"] == "ordered" else torch.ones(M, dtype=torch.long)
-        keys = rotate_keys(slot_kv[:, 0], target - (M + 2 + slot_index), self.rotary)  # slot j -> position target[j]
-        text_index = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (order < T).nonzero()[:-1, 0]])  # [T]
-        return hidden[:, text_index.to(hidden.device)], torch.stack([keys, slot_kv[:, 1]], dim=1)
+        keys = rotate_keys(slot_kv[:, 0], target - (M + 2 + slot_at), self.rotary)  # row b's slot j -> target[j]
+        hidden = hidden.gather(1, text_at.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        if min(lengths) < T:
+            hidden = hidden * (torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).unsqueeze(-1).to(hidden)
+        return hidden, torch.stack([keys, slot_kv[:, 1]], dim=1)
 
     def expand_logits(self, memory: torch.Tensor, tokens: torch.Tensor, marker: torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -232,13 +239,10 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, V] of ``tokens`` [B, T] given ``memory``, and (``write``) the memory that absorbed them.
 
-        ``reader=compress``: one ``compress`` pass reads and writes. ``reader=expand`` (ICAE-style decoder): the
-        ``expand`` adapter reads ``[BOS][memory][BOS][tokens]`` as it reads for reconstruction, only with the
-        read marker (BOS) instead of the reconstruction marker; a separate ``compress`` pass writes.
+        The ``expand`` adapter reads ``[BOS][memory][BOS][tokens]`` as it reads for reconstruction, only with the
+        read marker (BOS) instead of the reconstruction marker (ICAE-style decoder); a separate ``compress`` pass
+        writes.
         """
-        if self.cfg["reader"] == "compress":
-            hidden, new = self.compress(tokens, memory, write=write)
-            return self.lm_head(hidden), new
         read_marker = self.embed(torch.tensor(self.bos, device=tokens.device))  # [d]
         logits = self.expand_logits(memory, tokens, marker=read_marker)
         new = self.compress(tokens, memory, write=True)[1] if write else None
@@ -246,8 +250,7 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
 
     def read_cost(self, T: int, M: int, write: bool) -> int:
         """Tokens run through the model by one ``read`` of T tokens with M memory slots."""
-        one_pass = 1 + T + (M if write else 0)
-        return one_pass if self.cfg["reader"] == "compress" else (1 + T) + (1 + T + M if write else 0)
+        return (1 + T) + (1 + T + M if write else 0)
 
     @torch.no_grad()
     def reconstruct_ids(self, memory: torch.Tensor, max_tokens: int | list[int] | None = None) -> list[list[int]]:
@@ -343,6 +346,9 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path}: not an R3Mem checkpoint (format {meta.get('format')!r}); fix: pass a "
                             "directory written by `r3mem-bench train --method r3mem`")
+        problem = arch_problem(meta.get("config") or {})
+        if problem:
+            raise UserError(f"{path}: {problem}")
         return meta
 
     def save_checkpoint(self, path: Path, meta: dict | None = None) -> None:

@@ -32,18 +32,55 @@ def _valid_ingest(index, tensors) -> bool:
 class QAMixin:
     """Ingest, retrieval and answering of :class:`R3Mem` (the QA half of the ``MemoryMethod`` contract)."""
 
+    ingest_batch = 16  # paragraph / entity memories compressed per pass (an execution setting, not an option)
+    _ingest_started = _last_progress = 0.0  # progress lines of the ingest under way
+    _ingest_tokens0 = 0
+
     # ---- QA: ingest / retrieve ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _memory_of(self, text: str, cap: int | None = None) -> tuple[torch.Tensor, int]:
-        """Recurrent memory [L,2,1,H,M,D] of a text (chunks of segment_len from the empty memory), token count."""
-        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"][: cap or int(self.cfg["max_item_tokens"])]
-        memory = self.empty_memory()
+    def _memories_of(self, texts: list[str], cap: int | None = None, what: str = "memories"
+                     ) -> list[tuple[torch.Tensor, int]]:
+        """Each text's memory [L,2,H,M,D] (its chunks of segment_len from the empty memory) and token count.
+
+        Texts with the same number of chunks are compressed together, ``ingest_batch`` at a time in order of
+        length (ragged rows right-padded: ``compress(lengths=...)``), so a history of short turns costs a few
+        batched passes instead of one pass per turn.
+        """
+        cap = cap or int(self.cfg["max_item_tokens"])
         S = int(self.cfg["segment_len"])
-        for start in range(0, len(ids), S):
-            chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
-            _, memory = self.compress(chunk, memory)
-            self.tokens_processed += 1 + chunk.shape[1] + self.M
-        return memory, len(ids)
+        ids = [x[:cap] for x in self.lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+        out: list[tuple[torch.Tensor, int] | None] = [None] * len(ids)
+        by_chunks: dict[int, list[int]] = {}
+        for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+            by_chunks.setdefault(-(-len(ids[i]) // S), []).append(i)
+        done, before = 0, self._ingest_tokens0
+        for k, group in sorted(by_chunks.items()):
+            for start in range(0, len(group), self.ingest_batch):
+                rows = group[start: start + self.ingest_batch]
+                memory = self.empty_memory(batch=len(rows))
+                for c in range(k):
+                    pieces = [ids[i][c * S: (c + 1) * S] for i in rows]
+                    width = max(len(p) for p in pieces)
+                    chunk = torch.tensor([p + [self.bos] * (width - len(p)) for p in pieces], device=self.lm.device)
+                    _, memory = self.compress(chunk, memory, lengths=[len(p) for p in pieces])
+                    self.tokens_processed += sum(1 + len(p) + self.M for p in pieces)
+                for r, i in enumerate(rows):
+                    out[i] = (memory[:, :, r], len(ids[i]))
+                done += len(rows)
+                self._progress(what, done, len(ids), self.tokens_processed - before)
+        return out  # type: ignore[return-value]
+
+    def _progress(self, what: str, done: int, total: int, tokens: int) -> None:
+        """An ingest progress line (at most every 10 s, and at the end of each step) through the runner's printer:
+        items done, tokens run through the model since ingest started, their rate."""
+        import time
+
+        log, now = getattr(self, "ingest_log", None), time.perf_counter()
+        if log is None or (done < total and now - self._last_progress < 10):
+            return
+        rate = tokens / max(now - self._ingest_started, 1e-9)
+        log(f"r3mem: {what} {done}/{total} ({tokens:,} tokens, {rate:,.0f} tok/s)")
+        self._last_progress = now
 
     def _ingest_cache_parts(self, items: list[MemoryItem]) -> dict | None:
         """What a cached ingest depends on (``r3mem_bench.ingest_cache``): the base model, the checkpoint's
@@ -87,20 +124,25 @@ class QAMixin:
     @torch.no_grad()
     def _ingest(self, items: list[MemoryItem]) -> None:
         """``ingest`` computed: the recurrent document memory, then (hierarchy) paragraph and entity memories."""
+        import time
+
+        self._ingest_started, self._last_progress = time.perf_counter(), 0.0
+        self._ingest_tokens0 = before = self.tokens_processed
         doc = self.memory if self.memory is not None else self.empty_memory()
         S = int(self.cfg["segment_len"])
-        for item in items:
+        for n, item in enumerate(items, 1):
             ids = self.lm.tokenizer(item.text, add_special_tokens=False)["input_ids"][: int(self.cfg["max_item_tokens"])]
             for start in range(0, len(ids), S):
                 chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
                 _, doc = self.compress(chunk, doc)
                 self.tokens_processed += 1 + chunk.shape[1] + self.M
-            if self.hierarchy:
-                memory, n = self._memory_of(item.text)
-                self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory[:, :, 0].half(), "tokens": n})
+            self._progress("document memory", n, len(items), self.tokens_processed - before)
         self.memory = doc
         if not self.hierarchy:
             return
+        memories = self._memories_of([item.text for item in items], what="paragraph memories")
+        for item, (memory, n) in zip(items, memories):
+            self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory.half(), "tokens": n})
         mentions: dict[str, list[tuple[str, str]]] = {}
         extractor = EXTRACTORS[self.cfg["entity_extractor"]]
         for item in items:
@@ -108,10 +150,11 @@ class QAMixin:
                 mentions.setdefault(ent, []).extend((item.id, s) for s in sents)
         frequent = sorted((e for e, m in mentions.items() if len({i for i, _ in m}) >= 2),
                           key=lambda e: (-len(mentions[e]), e))[: int(self.cfg["max_entities"])]
-        for ent in frequent:
-            memory, n = self._memory_of(" ".join(s for _, s in mentions[ent]), cap=S)
+        memories = self._memories_of([" ".join(s for _, s in mentions[ent]) for ent in frequent], cap=S,
+                                     what="entity memories")
+        for ent, (memory, n) in zip(frequent, memories):
             self.bank.append({"ids": sorted({i for i, _ in mentions[ent]}), "kind": "entity", "key": ent,
-                              "memory": memory[:, :, 0].half(), "tokens": n})
+                              "memory": memory.half(), "tokens": n})
 
     @torch.no_grad()
     def _query_scores(self, question: str, memories: list[torch.Tensor]) -> list[float]:
@@ -195,11 +238,10 @@ class QAMixin:
         gen = self._encoder()
         memory, ids = self._answer_memory(question)
         Mt = memory.shape[-2]
-        adapter = "expand" if self.cfg["reader"] == "expand" else "compress"
-        self._use(adapter)
+        self._use("expand")
         prompt = torch.tensor([gen.encode(self.prompt.render(question=question, context=""))], device=self.lm.device)
         read_marker = self.embed(torch.full((1, 1), self.bos, device=self.lm.device))  # [1, 1, d]
-        past = torch.cat([self._bos_kv(adapter, 1), memory], dim=-2)  # [L,2,1,H,1+Mt,D]
+        past = torch.cat([self._bos_kv("expand", 1), memory], dim=-2)  # [L,2,1,H,1+Mt,D]
         hidden, kv = self._forward(past, torch.cat([read_marker, self.embed(prompt)], dim=1), Mt + 1)
         return self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids
 
