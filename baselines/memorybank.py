@@ -218,7 +218,6 @@ class MemoryBank(MemoryMethod):
         holds this exact batch (``SUMMARY_CACHE``), else generated and stored there; cached summaries count the
         tokens they cost when they were generated, so a warm run's rows equal a cold run's."""
         from r3mem_bench.generation import HFGenerator
-        from r3mem_bench.ingest_cache import digest, model_id
 
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
@@ -229,9 +228,7 @@ class MemoryBank(MemoryMethod):
         cache = getattr(self, "ingest_cache", None)
         parts = got = None
         if cache is not None:
-            parts = {"version": SUMMARY_PROMPT_VERSION, "model": model_id(self.lm), "system": SUMMARY_SYSTEM,
-                     "summary_tokens": self.summary_tokens, "summary_prompt_tokens": self.summary_prompt_tokens,
-                     "prompts": digest(batch), "n": len(batch)}
+            parts = self._summary_parts(batch)
             got = cache.get(SUMMARY_CACHE, parts)
             if got is not None and not _valid_summaries(got, len(batch)):
                 cache.stats["invalid"] += 1  # well-formed entry of the wrong shape: recomputed, not a hit
@@ -255,26 +252,93 @@ class MemoryBank(MemoryMethod):
         texts = [g["text"] for g in outs]
         return texts[0] if single else texts
 
+    def _summary_parts(self, batch: list[str]) -> dict:
+        """What a cached batch of summaries depends on (its ingest-cache key parts)."""
+        from r3mem_bench.ingest_cache import digest, model_id
+
+        return {"version": SUMMARY_PROMPT_VERSION, "model": model_id(self.lm), "system": SUMMARY_SYSTEM,
+                "summary_tokens": self.summary_tokens, "summary_prompt_tokens": self.summary_prompt_tokens,
+                "prompts": digest(batch), "n": len(batch)}
+
+    @staticmethod
+    def _days(items) -> tuple[dict[str, list[str]], list[str]]:
+        """The items' texts per day (in order) and the speakers (in order of appearance)."""
+        by_day: dict[str, list[str]] = {}
+        speakers: list[str] = []
+        for item in items:
+            if item.timestamp is not None:
+                by_day.setdefault(day_of(item.timestamp), []).append(item.text)
+            sp = item.meta.get("speaker")
+            if sp and sp not in speakers:
+                speakers.append(sp)
+        return by_day, speakers
+
+    @staticmethod
+    def _day_prompts(by_day: dict[str, list[str]], speakers: list[str]) -> list[str]:
+        """Each day's event-summary then personality prompt, days in order."""
+        user = " and ".join(speakers) or "the user"
+        return [p for lines in by_day.values() for p in (content_prompt(lines), person_prompt(lines, user))]
+
+    def ingest_estimate(self, corpora) -> tuple[float, str] | None:
+        """Summary batches to generate (those not in the run's ingest cache; the overall two counted at their
+        longest) times their cost, from a probe timed now: prefill seconds per prompt token and seconds per
+        generated step at this ``summary_batch_size``, every summary counted at ``summary_tokens`` (an upper
+        estimate where summaries stop early)."""
+        from r3mem_bench.generation import HFGenerator
+
+        if not self.summaries:
+            return None
+        size = summary_batch_size(self.options.get("summary_batch_size", 1))
+        cache = getattr(self, "ingest_cache", None)
+        tok = self.lm.tokenizer
+        batches: list[list[int]] = []  # prompt tokens of each batch to generate
+        probe = ""
+        for items in corpora:
+            by_day, speakers = self._days(items)
+            prompts = self._day_prompts(by_day, speakers)
+            chunks = [prompts[i: i + size] for i in range(0, len(prompts), size)]
+            fresh = [c for c in chunks if cache is None or not cache.has(SUMMARY_CACHE, self._summary_parts(c))]
+            for c in fresh:
+                batches.append([min(len(tok(p, add_special_tokens=False)["input_ids"]), self.summary_prompt_tokens)
+                                for p in c])
+            probe = probe or (prompts[0] if prompts else "")
+            if fresh:  # the overall summary and portrait: at most every day's summary in the prompt
+                longest = min(self.summary_prompt_tokens, 64 + len(by_day) * (self.summary_tokens + 16))
+                batches += [[longest] * min(2, size)] * (2 // min(2, size))
+        if not batches:
+            return (0.0, "summaries cached") if probe else None
+        width = max(len(b) for b in batches)
+        probe_ids = tok(probe, add_special_tokens=False)["input_ids"][:128]
+        rows = [tok.decode(probe_ids)] * width
+        timed = []
+        for steps in (1, 1, 5):  # the first call only warms up
+            gen = HFGenerator(self.lm, max_new_tokens=steps, system=SUMMARY_SYSTEM, batch_size=width)
+            t = time.perf_counter()
+            out = gen.generate(rows)
+            timed.append((time.perf_counter() - t, out[0].prompt_tokens, max(o.new_tokens for o in out)))
+        (t1, prompt_tokens, _), (t5, _, steps5) = timed[1], timed[2]
+        per_token = t1 / (width * prompt_tokens)  # prefill seconds per prompt token
+        per_step = max(0.0, t5 - t1) / max(1, steps5 - 1)  # seconds per generated step of a batch
+        extra = prompt_tokens - len(probe_ids)  # chat template and system prompt around each prompt
+        seconds = sum(len(b) * (max(b) + extra) * per_token + self.summary_tokens * per_step for b in batches)
+        n = sum(len(b) for b in batches)
+        return seconds, (f"{n} summaries in {len(batches)} batches of <= {width}: prefill {per_token * 1e3:.2f} ms "
+                         f"per prompt token, {per_step * 1e3:.0f} ms per step x {self.summary_tokens}, timed now")
+
     def ingest(self, items) -> None:
         """Store the items, write day summaries, personalities and the overall summary/portrait, index all."""
         self.bank["corpus"] = self.bank["corpus"] or self.key
-        by_day: dict[str, list[str]] = {}
-        speakers: list[str] = []
+        items = list(items)
         for item in items:
             day = day_of(item.timestamp) if item.timestamp is not None else None
             self.bank["memories"].append({
                 "id": item.id, "text": item.text, "timestamp": item.timestamp, "day": day,
                 "date": item.meta.get("date") or day, "strength": 1.0, "last_recall": item.timestamp,
                 "speaker": item.meta.get("speaker"), "forgotten": False})
-            if day is not None:
-                by_day.setdefault(day, []).append(item.text)
-            sp = item.meta.get("speaker")
-            if sp and sp not in speakers:
-                speakers.append(sp)
+        by_day, speakers = self._days(items)
         if self.summaries and by_day:
             from r3mem_bench.ingest_cache import IngestProgress
 
-            user = " and ".join(speakers) or "the user"
             size = summary_batch_size(self.options.get("summary_batch_size", 1))
             n_days = len(by_day)
             progress = IngestProgress(f"{self.name} ingest {self.bank['corpus'] or 'corpus'}", 2 * n_days + 2,
@@ -295,7 +359,7 @@ class MemoryBank(MemoryMethod):
                 return texts
 
             days_in = list(by_day.items())
-            day_texts = write([p for _, lines in days_in for p in (content_prompt(lines), person_prompt(lines, user))])
+            day_texts = write(self._day_prompts(by_day, speakers))
             for i, (day, _) in enumerate(days_in):
                 entry = self.bank["days"].setdefault(day, {})
                 entry["summary"], entry["personality"] = day_texts[2 * i], day_texts[2 * i + 1]

@@ -15,7 +15,8 @@ folder), warm it up on a two-turn conversation (so one-time loads such as the Mi
 ingest), then
 
 * **cold** ingest: ``reset`` + ``ingest`` with an empty ingest cache: wall seconds, ``tokens_processed``, state
-  bytes, and the peak RSS of the ingest itself (``VmHWM`` after resetting it through ``/proc/self/clear_refs``;
+  bytes, the method's up-front estimate (``ingest_estimate``, what ``run`` prints and ``--max-ingest-minutes``
+  checks; with the seconds its probe took), and the peak RSS of the ingest itself (``VmHWM`` after resetting it through ``/proc/self/clear_refs``;
   null where the kernel refuses);
 * **answers**: the first ``--questions`` questions in asking order, ``answer`` timed one by one;
 * **warm** ingest: a new instance of the method on the same cache folder, as a rerun, a resumed run or another
@@ -177,8 +178,14 @@ def child(spec: dict) -> dict:
                 "summary_stats": dict(getattr(method, "summary_stats", {}) or {}) or None}
 
     method = fresh(cache)
-    log(f"{name}: cold ingest of {len(items)} turns")
+    t_est = time.perf_counter()
+    estimate = method.ingest_estimate([items])  # what `run` prints before ingest (and --max-ingest-minutes uses)
+    estimate_s = time.perf_counter() - t_est
+    log(f"{name}: cold ingest of {len(items)} turns (estimated {estimate[0] / 60:.1f} min)" if estimate
+        else f"{name}: cold ingest of {len(items)} turns")
     cold = ingest(method)
+    cold["estimate_s"], cold["estimate_how"], cold["estimate_probe_s"] = (
+        (estimate[0], estimate[1], estimate_s) if estimate else (None, None, estimate_s))
     cold_cache = dict(cache.stats)
     answers = []
     for q in questions[: spec["questions"]]:
@@ -268,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             if row["returncode"] == 0:
                 c, w = row["cold"], row["warm"]
-                print(f"{name:24s} cold {c['seconds']:8.1f} s {c['tokens_processed']:>9,} tok | warm "
+                est = f" (est. {c['estimate_s']:.0f} s)" if c.get("estimate_s") is not None else ""
+                print(f"{name:24s} cold {c['seconds']:8.1f} s{est} {c['tokens_processed']:>9,} tok | warm "
                       f"{w['seconds']:8.1f} s | answer {row['answer_s_mean'] or 0:6.2f} s/q | peak "
                       f"{row['process_peak_rss_bytes'] / 2**20:,.0f} MiB", flush=True)
             else:

@@ -57,6 +57,9 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     method_path: list[str] = typer.Option([], "--method-path", help="Plugin method .py file or folder (repeatable)."),
+    max_ingest_minutes: Optional[float] = typer.Option(
+        None, "--max-ingest-minutes", help="QA: refuse, before anything runs, a cell whose ingest is estimated to "
+                                           "take longer (the estimate is printed for every cell)."),
 ) -> None:
     """Evaluate methods on tasks; finished examples are kept and skipped on rerun."""
     from r3mem_bench.methods import load_method_paths
@@ -75,7 +78,9 @@ def run(
     cfg = RunConfig(tasks=_split(task), methods=_split(method), model=model, limit=limit, seed=seed, output=output,
                     include_paths=include_path, data=data, overrides=overrides,
                     method_options=_parse_options(method_arg), checkpoint=checkpoint, backend=backend,
-                    threads=threads, quiet=quiet)
+                    threads=threads, quiet=quiet, max_ingest_minutes=max_ingest_minutes)
+    if max_ingest_minutes is not None and not max_ingest_minutes > 0:
+        raise UserError(f"--max-ingest-minutes {max_ingest_minutes:g}: not a positive number of minutes; fix: e.g. 5")
     dirs = do_run(cfg)
     typer.echo(render(collect([str(d) for d in dirs]), "md"))
 

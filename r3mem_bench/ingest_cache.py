@@ -172,6 +172,11 @@ class IngestCache:
         self.stats["misses"] += 1
         return None
 
+    def has(self, kind: str, parts: dict) -> bool:
+        """Whether an entry file for ``(kind, parts)`` exists (not read or checked, not counted): for estimates."""
+        key = self.key(kind, parts)
+        return any(self._path(kind, key, suffix).is_file() for suffix in (".json", ".safetensors"))
+
     @staticmethod
     def _check_header(head: dict, kind: str, key: str, want: dict) -> bool:
         return (isinstance(head, dict) and head.get("format") == FORMAT and head.get("kind") == kind

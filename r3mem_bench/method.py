@@ -152,6 +152,13 @@ class MemoryMethod(ABC):
         """Store a corpus or a dialogue history (items in time order)."""
         raise NotImplementedError(f"method '{self.name}' does not ingest a corpus")
 
+    def ingest_estimate(self, corpora: list[list[MemoryItem]]) -> tuple[float, str] | None:
+        """Expected seconds to ingest these corpora on this machine and how they were reckoned (a short phrase), for
+        a method whose ingest runs the model; None where ingest is cheap (storing, embedding). Measured, not
+        guessed: implementations time a small probe of their own ingest step now and count the steps; entries
+        already in the run's ingest cache cost nothing. Must not change the method's state or token count."""
+        return None
+
     def retrieve(self, question: str, now: float | None = None) -> tuple[str, list[str]]:
         """Context text for ``question`` and the ids of the items it came from."""
         raise NotImplementedError(f"method '{self.name}' does not retrieve")

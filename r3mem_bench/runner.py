@@ -38,6 +38,7 @@ class RunConfig:
     backend: str = "auto"
     threads: int | None = None
     quiet: bool = False
+    max_ingest_minutes: float | None = None
 
 
 def _file_hash(path: str) -> str:
@@ -113,6 +114,7 @@ def run(cfg: RunConfig) -> list[Path]:
         method.ingest_cache = IngestCache.for_run(cfg.output, log=_stderr)  # shared by every cell of the run
         method.ingest_log = None if cfg.quiet else _stderr
         preflight(lm, task, method, examples)
+        ingest_budget(cfg, family, task, method, examples)
         prepared.append((task, method_name, family, examples, method))
     dirs = []
     for task, method_name, family, examples, method in prepared:
@@ -207,6 +209,29 @@ def preflight(lm, task: Task, method, examples: list[dict]) -> dict | None:
                         f"tokens (longest document {doc_tokens} tokens) but only {have / 2**30:.1f} GiB is free; "
                         "fix: --max-tokens N or a smaller window (--method-arg max_context=N / batch_size=1)")
     return {"doc_tokens": doc_tokens, "tokens": tokens, "batch": batch, "bytes": need, "available": have}
+
+
+def ingest_budget(cfg: RunConfig, family, task: Task, method, examples: list[dict]) -> float | None:
+    """Print the method's estimate of its ingest time for this cell (``MemoryMethod.ingest_estimate``) and refuse,
+    before anything runs, a cell whose estimate exceeds ``--max-ingest-minutes``; the estimate in seconds."""
+    corpora_of = getattr(family, "ingest_corpora", None)
+    if corpora_of is None or not examples or (cfg.quiet and cfg.max_ingest_minutes is None):
+        return None
+    corpora = corpora_of(task, examples)
+    estimate = method.ingest_estimate(corpora)
+    if estimate is None:
+        return None
+    seconds, how = estimate
+    where = f"{task.name} · {method.name}"
+    if not cfg.quiet:
+        _stderr(f"{where}: ingest of {len(corpora)} {'corpus' if len(corpora) == 1 else 'corpora'} "
+                f"({sum(len(c) for c in corpora):,} items) estimated at "
+                f"{seconds / 60:.1f} min ({how})")
+    if cfg.max_ingest_minutes is not None and seconds > 60 * cfg.max_ingest_minutes:
+        raise UserError(f"{where}: ingest estimated at {seconds / 60:.1f} min, over --max-ingest-minutes "
+                        f"{cfg.max_ingest_minutes:g}; fix: a smaller --limit (fewer corpora), a smaller --model, or a "
+                        "larger --max-ingest-minutes")
+    return seconds
 
 
 def _stderr(message: str) -> None:

@@ -264,7 +264,8 @@ def test_runner_reuses_the_cache_across_reruns_limits_and_methods(tmp_path, summ
                          method_options={"summary_tokens": 3, "time_unit_days": 30}, threads=1, quiet=quiet)
 
     run(cfg(1, ["memorybank"], quiet=False))
-    assert len(summary_calls) == 4 * 2 + 2  # 4 sessions on 4 days
+    assert len(summary_calls) == 3 + 4 * 2 + 2  # the estimate's probe (warm-up + 2 timed), then 4 sessions on 4 days
+    assert {len(set(c)) for c in summary_calls[:3]} == {1}  # the probe: one truncated prompt, repeated
     err = capsys.readouterr().err
     assert "memorybank ingest persona-s0-000: [10/10] summaries (4/4 days)" in err
     entries = list((tmp_path / ".cache" / "ingest" / SUMMARY_CACHE).rglob("*.json"))
@@ -277,3 +278,52 @@ def test_runner_reuses_the_cache_across_reruns_limits_and_methods(tmp_path, summ
              (tmp_path / "persona" / "memorybank_noforget" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and len(other) == 3
     assert {r["ingest_tokens"] for r in rows} == {r["ingest_tokens"] for r in other}  # same summaries, same cost
+
+
+# ---- ingest estimates and the --max-ingest-minutes guard ----------------------------------------------------------
+def test_estimates_count_what_ingest_will_compute_and_nothing_that_is_cached(tiny_lm, tmp_path, summary_calls):
+    """MemoryBank's estimate covers the summaries it will generate (none once cached), R3Mem's the compress passes;
+    estimating changes neither the method's state nor its token count."""
+    items, _ = dialogue_fixture()
+    bank = bank_method(tiny_lm, IngestCache(tmp_path / "a"), summary_batch_size=4)
+    seconds, how = bank.ingest_estimate([items])
+    assert seconds > 0 and how.startswith("8 summaries in 3 batches of <= 4")  # 3 days x 2 in [4, 2], then 2 overall
+    assert bank.tokens_processed == 0 and bank.bank["memories"] == []
+    assert getattr(bank, "summary_stats", {}).get("generated", 0) == 0
+    summary_calls.clear()
+    bank.ingest(items)
+    assert len(summary_calls) == 3  # the probe generated nothing through the summariser's own calls
+    again = bank_method(tiny_lm, IngestCache(tmp_path / "a"), summary_batch_size=4)
+    assert again.ingest_estimate([items]) == (0.0, "summaries cached")
+    assert bank_method(tiny_lm, summaries="off").ingest_estimate([items]) is None
+
+    r3 = get_method_class("r3mem")(tiny_lm, {"untrained": True, "max_memory_tokens": 8, "memory_tokens": 4,
+                                             "segment_len": 16}, **qa_parts(tiny_lm))
+    seconds, how = r3.ingest_estimate([items])
+    ids = tiny_lm.tokenizer([i.text for i in items], add_special_tokens=False)["input_ids"]
+    assert how.startswith(f"{sum(-(-len(x) // 16) for x in ids)} compress passes x") and seconds > 0
+    assert r3.tokens_processed == 0 and r3.memory is None and r3.bank == []
+
+
+def _persona_run(out, *extra):
+    from conftest import run_cli
+
+    return run_cli("run", "--task", "persona", "--method", "memorybank", "--limit", "2", "--param", "generate=false",
+                   "--method-arg", "summary_tokens=2", "--model", "tiny-random", "--threads", "1",
+                   "--output", str(out), *extra)
+
+
+def test_run_prints_the_estimate_and_refuses_a_cell_over_the_budget(tmp_path):
+    over = _persona_run(tmp_path / "over", "--quiet", "--max-ingest-minutes", "0.00001")
+    assert over.returncode == 2
+    lines = [line for line in over.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "persona · memorybank: ingest estimated at" in lines[0]
+    assert "--max-ingest-minutes" in lines[0] and "fix:" in lines[0] and "Traceback" not in over.stderr
+    assert not list((tmp_path / "over").rglob("results.jsonl"))  # refused before anything ran
+    ok = _persona_run(tmp_path / "ok", "--max-ingest-minutes", "600")
+    assert ok.returncode == 0, ok.stderr
+    assert "persona · memorybank: ingest of 1 corpus" in ok.stderr and "estimated at" in ok.stderr
+    quiet = _persona_run(tmp_path / "quiet", "--quiet")  # no estimate at all: the rows must not depend on it
+    rows = [[json.loads(x)["metrics"] for x in p.read_text().splitlines()]
+            for p in (next((tmp_path / d).rglob("memorybank/results.jsonl")) for d in ("ok", "quiet"))]
+    assert quiet.returncode == 0 and rows[0] == rows[1] and len(rows[0]) == 2

@@ -268,6 +268,34 @@ def test_batched_ingest_equals_one_item_at_a_time(tiny_lm):
         assert torch.allclose(a["memory"].float(), b["memory"].float(), atol=2e-3, rtol=1e-3)
 
 
+def test_document_memory_reads_the_history_in_packed_segments(tiny_lm):
+    """The recurrent document memory reads the items' tokens in order, a newline between items, in segments of at
+    most segment_len tokens that end at item boundaries (long items split), not one pass per short turn."""
+    m = make(tiny_lm, name="r3mem_no_hier")  # no hierarchy: every compress pass is the document memory's
+    words = "the cat sat on the mat and looked at the old river".split()
+    items = [MemoryItem(f"t{i}", " ".join(words[: 2 + i % 5])) for i in range(12)]
+    items.insert(5, MemoryItem("long", " ".join(words * 4)))  # longer than a 16-token segment
+    seen = []
+    real = m.compress
+
+    def recording(tokens, memory, *a, **k):
+        seen.append(tokens[0].tolist())
+        return real(tokens, memory, *a, **k)
+
+    m.compress = recording
+    m.reset()
+    m.ingest(items)
+    tok = tiny_lm.tokenizer
+    sep = tok("\n", add_special_tokens=False)["input_ids"]
+    ids = [tok(i.text, add_special_tokens=False)["input_ids"] for i in items]
+    stream = [t for k, x in enumerate(ids) for t in (sep if k else []) + x]
+    assert all(len(s) <= 16 for s in seen) and len(seen) < len(items)
+    flat = [t for s in seen for t in s]
+    assert [t for t in flat if t not in sep] == [t for t in stream if t not in sep]  # every token, in order
+    assert len(flat) <= len(stream)  # separators only between items of one segment
+    assert any(s == ids[5][:16] for s in seen)  # the long item starts a segment of its own
+
+
 def test_reconstruct_returns_text_and_rouge(tiny_lm):
     m = make(tiny_lm, recon_max_tokens=6)
     _, memory = m.compress(segs(1)[0].unsqueeze(0), m.empty_memory())

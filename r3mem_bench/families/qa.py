@@ -185,6 +185,12 @@ class QAFamily(Family):
             extra.update(candidates=cands, candidate_nll=[by_text[c] for c in cands])
         return metrics, extra, lik
 
+    @staticmethod
+    def ingest_corpora(task, examples: list[dict]) -> list:
+        """The item lists ``evaluate`` will ingest for these examples, one per corpus, in order."""
+        corpora = task.data["corpora"]
+        return [corpora[cid] for cid in dict.fromkeys(ex["corpus_id"] for ex in asking_order(examples))]
+
     def evaluate(self, task, method, examples: list[dict], emit: Callable[[dict], None], progress=None) -> None:
         """Per corpus: reset, ingest once, answer its questions; one row per question (replays: module docstring)."""
         groups: OrderedDict[str, list[dict]] = OrderedDict()

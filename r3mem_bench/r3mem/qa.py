@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Iterable
 
 import torch
@@ -16,7 +17,7 @@ from r3mem_bench.method import Answer, AnswerNLL, MemoryItem
 from r3mem_bench.r3mem.layout import rotate_keys
 from r3mem_bench.scoring import token_nll
 
-INGEST_CACHE_VERSION = 1  # bump when ingest's memories change for the same inputs: cached ones are recomputed
+INGEST_CACHE_VERSION = 2  # bump when ingest's memories change for the same inputs: cached ones are recomputed
 INGEST_INDEX, INGEST_TENSORS = "r3mem-ingest-index", "r3mem-ingest-memories"  # kinds of the run's ingest cache
 
 
@@ -37,6 +38,30 @@ class QAMixin:
     _ingest_tokens0 = 0
 
     # ---- QA: ingest / retrieve ---------------------------------------------------------------------------
+    def _document_segments(self, items: list[MemoryItem]):
+        """The segments the recurrent document memory reads, with the number of items finished after each: the
+        items' tokens (each capped at ``max_item_tokens``) packed in order, a newline between items, into segments
+        of at most ``segment_len`` tokens that end at item boundaries (an item longer than a segment is split
+        into segment-sized chunks), so short dialogue turns are compressed as the training documents were: in
+        segments of up to ``segment_len`` tokens, not one turn per pass."""
+        S, cap = int(self.cfg["segment_len"]), int(self.cfg["max_item_tokens"])
+        sep = self.lm.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        texts = [item.text for item in items]
+        pack: list[int] = []
+        for n, ids in enumerate(self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [], 1):
+            ids = ids[:cap]
+            joined = pack + sep + ids if pack else list(ids)
+            if len(joined) <= S:
+                pack = joined
+            else:
+                if pack:
+                    yield pack, n - 1
+                for start in range(0, max(0, len(ids) - S), S):  # all but the last chunk of a long item
+                    yield ids[start: start + S], n - 1
+                pack = ids[(max(0, len(ids) - 1) // S) * S:] if len(ids) > S else list(ids)
+            if n == len(texts) and pack:
+                yield pack, n
+
     @torch.no_grad()
     def _memories_of(self, texts: list[str], cap: int | None = None, what: str = "memories"
                      ) -> list[tuple[torch.Tensor, int]]:
@@ -73,8 +98,6 @@ class QAMixin:
     def _progress(self, what: str, done: int, total: int, tokens: int) -> None:
         """An ingest progress line (at most every 10 s, and at the end of each step) through the runner's printer:
         items done, tokens run through the model since ingest started, their rate."""
-        import time
-
         log, now = getattr(self, "ingest_log", None), time.perf_counter()
         if log is None or (done < total and now - self._last_progress < 10):
             return
@@ -124,25 +147,29 @@ class QAMixin:
     @torch.no_grad()
     def _ingest(self, items: list[MemoryItem]) -> None:
         """``ingest`` computed: the recurrent document memory, then (hierarchy) paragraph and entity memories."""
-        import time
-
         self._ingest_started, self._last_progress = time.perf_counter(), 0.0
         self._ingest_tokens0 = before = self.tokens_processed
         doc = self.memory if self.memory is not None else self.empty_memory()
-        S = int(self.cfg["segment_len"])
-        for n, item in enumerate(items, 1):
-            ids = self.lm.tokenizer(item.text, add_special_tokens=False)["input_ids"][: int(self.cfg["max_item_tokens"])]
-            for start in range(0, len(ids), S):
-                chunk = torch.tensor([ids[start: start + S]], device=self.lm.device)
-                _, doc = self.compress(chunk, doc)
-                self.tokens_processed += 1 + chunk.shape[1] + self.M
-            self._progress("document memory", n, len(items), self.tokens_processed - before)
+        for segment, done in self._document_segments(items):
+            _, doc = self.compress(torch.tensor([segment], device=self.lm.device), doc)
+            self.tokens_processed += 1 + len(segment) + self.M
+            self._progress("document memory", done, len(items), self.tokens_processed - before)
         self.memory = doc
         if not self.hierarchy:
             return
         memories = self._memories_of([item.text for item in items], what="paragraph memories")
         for item, (memory, n) in zip(items, memories):
             self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory.half(), "tokens": n})
+        mentions = self._frequent_entities(items)
+        memories = self._memories_of([" ".join(s for _, s in m) for m in mentions.values()], cap=int(self.cfg["segment_len"]),
+                                     what="entity memories")
+        for (ent, mention), (memory, n) in zip(mentions.items(), memories):
+            self.bank.append({"ids": sorted({i for i, _ in mention}), "kind": "entity", "key": ent,
+                              "memory": memory.half(), "tokens": n})
+
+    def _frequent_entities(self, items: list[MemoryItem]) -> dict[str, list[tuple[str, str]]]:
+        """The ``max_entities`` entities named in at least two items, most mentioned first, with their
+        (item id, sentence) mentions."""
         mentions: dict[str, list[tuple[str, str]]] = {}
         extractor = EXTRACTORS[self.cfg["entity_extractor"]]
         for item in items:
@@ -150,11 +177,47 @@ class QAMixin:
                 mentions.setdefault(ent, []).extend((item.id, s) for s in sents)
         frequent = sorted((e for e, m in mentions.items() if len({i for i, _ in m}) >= 2),
                           key=lambda e: (-len(mentions[e]), e))[: int(self.cfg["max_entities"])]
-        memories = self._memories_of([" ".join(s for _, s in mentions[ent]) for ent in frequent], cap=S,
-                                     what="entity memories")
-        for ent, (memory, n) in zip(frequent, memories):
-            self.bank.append({"ids": sorted({i for i, _ in mentions[ent]}), "kind": "entity", "key": ent,
-                              "memory": memory.half(), "tokens": n})
+        return {e: mentions[e] for e in frequent}
+
+    @torch.no_grad()
+    def ingest_estimate(self, corpora: list[list[MemoryItem]]) -> tuple[float, str] | None:
+        """Compress passes the ingest needs (document memory one item at a time; paragraph and entity memories in
+        batches) times the seconds of one pass, measured now on a chunk of the corpora's mean item length."""
+        S, cap = int(self.cfg["segment_len"]), int(self.cfg["max_item_tokens"])
+        cache = getattr(self, "ingest_cache", None)
+        todo = []
+        for items in corpora:
+            parts = self._ingest_cache_parts(list(items))
+            if not (parts is not None and cache.has(INGEST_INDEX, parts) and cache.has(INGEST_TENSORS, parts)):
+                todo.append(list(items))
+        if not todo:
+            return 0.0, "ingest cached"
+        single = batched = 0  # passes of one row / of up to ingest_batch rows
+        lengths: list[int] = []
+        for items in todo:
+            n = [len(x[:cap]) for x in self.lm.tokenizer([i.text for i in items], add_special_tokens=False)["input_ids"]]
+            lengths += n
+            single += sum(1 for _ in self._document_segments(items))
+            if self.hierarchy:
+                groups: dict[int, int] = {}
+                for k in n:
+                    groups[-(-k // S)] = groups.get(-(-k // S), 0) + 1
+                batched += sum(-(-count // self.ingest_batch) * k for k, count in groups.items())
+                batched += -(-len(self._frequent_entities(items)) // self.ingest_batch)
+        width = max(1, min(S, round(sum(lengths) / max(1, len(lengths)))))
+        B = self.ingest_batch
+        chunk = torch.full((B, width), self.bos, device=self.lm.device)
+        self.compress(chunk[:1], self.empty_memory())  # untimed: first-call costs
+        t = time.perf_counter()
+        self.compress(chunk[:1], self.empty_memory())
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        if batched:
+            self.compress(chunk, self.empty_memory(batch=B))
+        tb = time.perf_counter() - t
+        seconds = single * t1 + batched * tb
+        return seconds, (f"{single:,} compress passes x {t1 * 1e3:.0f} ms + {batched:,} batched passes x "
+                         f"{tb * 1e3:.0f} ms, timed now")
 
     @torch.no_grad()
     def _query_scores(self, question: str, memories: list[torch.Tensor]) -> list[float]:
