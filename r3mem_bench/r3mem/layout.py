@@ -32,7 +32,8 @@ def arch_problem(config: dict) -> str | None:
     for key, value in ONE_VALUE_ARCH.items():
         trained = trained_arch(config, key)
         if trained != value:
-            return (f"trained with {key}={trained or 'unset'}, which this version does not implement (only {key}={value}); "
+            return (f"trained with {key}={trained or 'unset'}, which this version does not implement "
+                    f"(only {key}={value}); "
                     "fix: retrain with `r3mem-bench train --method r3mem`")
     return None
 

@@ -59,7 +59,8 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         self.M = int(self.cfg["memory_tokens"])
         for key, value in ONE_VALUE_ARCH.items():
             if self.cfg[key] != value:
-                raise UserError(f"r3mem: {key}={self.cfg[key]!r} is not implemented; fix: drop the option (only {key}={value})")
+                raise UserError(f"r3mem: {key}={self.cfg[key]!r} is not implemented; fix: drop the option "
+                                f"(only {key}={value})")
         if self.cfg["slot_positions"] not in SLOT_POSITIONS:
             raise UserError(f"r3mem: slot_positions={self.cfg['slot_positions']!r}; fix: use slot_positions=ordered "
                             "(written slot j keyed at position 1+j) or collapsed (every written slot at 1)")
@@ -219,7 +220,8 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         keys = rotate_keys(slot_kv[:, 0], target - (M + 2 + slot_at), self.rotary)  # row b's slot j -> target[j]
         hidden = hidden.gather(1, text_at.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if min(lengths) < T:
-            hidden = hidden * (torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).unsqueeze(-1).to(hidden)
+            real = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # [B, T]
+            hidden = hidden * real.unsqueeze(-1).to(hidden)
         return hidden, torch.stack([keys, slot_kv[:, 1]], dim=1)
 
     def expand_logits(self, memory: torch.Tensor, tokens: torch.Tensor, marker: torch.Tensor | None = None

@@ -161,8 +161,8 @@ class QAMixin:
         for item, (memory, n) in zip(items, memories):
             self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory.half(), "tokens": n})
         mentions = self._frequent_entities(items)
-        memories = self._memories_of([" ".join(s for _, s in m) for m in mentions.values()], cap=int(self.cfg["segment_len"]),
-                                     what="entity memories")
+        memories = self._memories_of([" ".join(s for _, s in m) for m in mentions.values()],
+                                     cap=int(self.cfg["segment_len"]), what="entity memories")
         for (ent, mention), (memory, n) in zip(mentions.items(), memories):
             self.bank.append({"ids": sorted({i for i, _ in mention}), "kind": "entity", "key": ent,
                               "memory": memory.half(), "tokens": n})
@@ -181,8 +181,8 @@ class QAMixin:
 
     @torch.no_grad()
     def ingest_estimate(self, corpora: list[list[MemoryItem]]) -> tuple[float, str] | None:
-        """Compress passes the ingest needs (document memory one item at a time; paragraph and entity memories in
-        batches) times the seconds of one pass, measured now on a chunk of the corpora's mean item length."""
+        """Compress passes the ingest needs (the document memory's packed segments one at a time; paragraph and
+        entity memories in batches) times the seconds of one pass, measured now on rows of the mean length."""
         S, cap = int(self.cfg["segment_len"]), int(self.cfg["max_item_tokens"])
         cache = getattr(self, "ingest_cache", None)
         todo = []
@@ -192,31 +192,33 @@ class QAMixin:
                 todo.append(list(items))
         if not todo:
             return 0.0, "ingest cached"
-        single = batched = 0  # passes of one row / of up to ingest_batch rows
-        lengths: list[int] = []
+        segments: list[int] = []  # lengths of the document memory's segments
+        items_len: list[int] = []
+        batched = 0  # passes of up to ingest_batch rows
         for items in todo:
-            n = [len(x[:cap]) for x in self.lm.tokenizer([i.text for i in items], add_special_tokens=False)["input_ids"]]
-            lengths += n
-            single += sum(1 for _ in self._document_segments(items))
+            segments += [len(seg) for seg, _ in self._document_segments(items)]
             if self.hierarchy:
+                tokens = self.lm.tokenizer([i.text for i in items], add_special_tokens=False)["input_ids"]
+                n = [len(x[:cap]) for x in tokens]
+                items_len += n
                 groups: dict[int, int] = {}
                 for k in n:
                     groups[-(-k // S)] = groups.get(-(-k // S), 0) + 1
                 batched += sum(-(-count // self.ingest_batch) * k for k, count in groups.items())
                 batched += -(-len(self._frequent_entities(items)) // self.ingest_batch)
-        width = max(1, min(S, round(sum(lengths) / max(1, len(lengths)))))
-        B = self.ingest_batch
-        chunk = torch.full((B, width), self.bos, device=self.lm.device)
-        self.compress(chunk[:1], self.empty_memory())  # untimed: first-call costs
-        t = time.perf_counter()
-        self.compress(chunk[:1], self.empty_memory())
-        t1 = time.perf_counter() - t
-        t = time.perf_counter()
-        if batched:
-            self.compress(chunk, self.empty_memory(batch=B))
-        tb = time.perf_counter() - t
-        seconds = single * t1 + batched * tb
-        return seconds, (f"{single:,} compress passes x {t1 * 1e3:.0f} ms + {batched:,} batched passes x "
+
+        def timed(rows: int, lengths: list[int]) -> float:  # seconds of one compress pass of rows x mean length
+            width = max(1, min(S, round(sum(lengths) / max(1, len(lengths)))))
+            chunk = torch.full((rows, width), self.bos, device=self.lm.device)
+            t = time.perf_counter()
+            self.compress(chunk, self.empty_memory(batch=rows))
+            return time.perf_counter() - t
+
+        timed(1, segments)  # untimed: first-call costs
+        t1 = timed(1, segments)
+        tb = timed(self.ingest_batch, items_len) if batched else 0.0
+        seconds = len(segments) * t1 + batched * tb
+        return seconds, (f"{len(segments):,} compress passes x {t1 * 1e3:.0f} ms + {batched:,} batched passes x "
                          f"{tb * 1e3:.0f} ms, timed now")
 
     @torch.no_grad()
