@@ -70,6 +70,7 @@ and generator so all methods are compared alike, with MemoryBank's [memory] bloc
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import json
 import math
 import time
@@ -281,49 +282,61 @@ class MemoryBank(MemoryMethod):
 
     def ingest_estimate(self, corpora) -> tuple[float, str] | None:
         """Summary batches to generate (those not in the run's ingest cache; the overall two counted at their
-        longest) times their cost, from a probe timed now: prefill seconds per prompt token and seconds per
-        generated step at this ``summary_batch_size``, every summary counted at ``summary_tokens`` (an upper
-        estimate where summaries stop early)."""
+        longest) times their cost, from a probe timed now at this ``summary_batch_size`` and the batches' mean
+        prompt length: prefill seconds per prompt token and seconds per generated step, every summary counted at
+        ``summary_tokens`` (an upper estimate where summaries stop early)."""
+        import torch
+
         from r3mem_bench.generation import HFGenerator
 
         if not self.summaries:
             return None
         size = summary_batch_size(self.options.get("summary_batch_size", 1))
         cache = getattr(self, "ingest_cache", None)
-        tok = self.lm.tokenizer
-        batches: list[list[int]] = []  # prompt tokens of each batch to generate
-        probe = ""
+        enc = HFGenerator(self.lm, max_new_tokens=self.summary_tokens, system=SUMMARY_SYSTEM,
+                          max_prompt_tokens=self.summary_prompt_tokens, batch_size=size)
+        batches: list[list[int]] = []  # prompt tokens (as the summariser encodes them) of each batch to generate
+        probe: list[int] = []
         for items in corpora:
             by_day, speakers = self._days(items)
             prompts = self._day_prompts(by_day, speakers)
             chunks = [prompts[i: i + size] for i in range(0, len(prompts), size)]
             fresh = [c for c in chunks if cache is None or not cache.has(SUMMARY_CACHE, self._summary_parts(c))]
             for c in fresh:
-                batches.append([min(len(tok(p, add_special_tokens=False)["input_ids"]), self.summary_prompt_tokens)
-                                for p in c])
-            probe = probe or (prompts[0] if prompts else "")
+                encoded = [enc.encode(p)[-self.summary_prompt_tokens:] for p in c]
+                batches.append([len(e) for e in encoded])
+                probe += [t for e in encoded for t in e][: self.summary_prompt_tokens - len(probe)]
             if fresh:  # the overall summary and portrait: at most every day's summary in the prompt
-                longest = min(self.summary_prompt_tokens, 64 + len(by_day) * (self.summary_tokens + 16))
+                longest = min(self.summary_prompt_tokens, 96 + len(by_day) * (self.summary_tokens + 16))
                 batches += [[longest] * min(2, size)] * (2 // min(2, size))
         if not batches:
-            return (0.0, "summaries cached") if probe else None
+            return (0.0, "summaries cached") if corpora and any(corpora) else None
         width = max(len(b) for b in batches)
-        probe_ids = tok(probe, add_special_tokens=False)["input_ids"][:128]
-        rows = [tok.decode(probe_ids)] * width
-        timed = []
-        for steps in (1, 1, 5):  # the first call only warms up
-            gen = HFGenerator(self.lm, max_new_tokens=steps, system=SUMMARY_SYSTEM, batch_size=width)
+        length = max(1, min(len(probe), round(sum(sum(b) for b in batches) / sum(len(b) for b in batches))))
+        rows = torch.tensor([probe[:length]], device=self.lm.device)  # [1, length]
+        model, steps = self.lm.model, 4
+        params = inspect.signature(model.forward).parameters
+        cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+        keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})  # as generate
+        with torch.no_grad():
+            model(input_ids=rows[:, :8], use_cache=True, **keep)  # untimed: first-call costs
             t = time.perf_counter()
-            out = gen.generate(rows)
-            timed.append((time.perf_counter() - t, out[0].prompt_tokens, max(o.new_tokens for o in out)))
-        (t1, prompt_tokens, _), (t5, _, steps5) = timed[1], timed[2]
-        per_token = t1 / (width * prompt_tokens)  # prefill seconds per prompt token
-        per_step = max(0.0, t5 - t1) / max(1, steps5 - 1)  # seconds per generated step of a batch
-        extra = prompt_tokens - len(probe_ids)  # chat template and system prompt around each prompt
-        seconds = sum(len(b) * (max(b) + extra) * per_token + self.summary_tokens * per_step for b in batches)
+            out = model(input_ids=rows[:1], use_cache=True, **keep)  # one row: prefill costs per token
+            prefill = (time.perf_counter() - t) * width
+            past = getattr(out, "cache", None) or out.past_key_values
+            past.batch_repeat_interleave(width)  # the batch's cache without computing it `width` times
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True).expand(width, 1)
+            t = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=nxt, use_cache=True, **keep, **{cache_arg: past})
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            per_step = (time.perf_counter() - t) / steps  # seconds per generated step of a batch of `width`
+        per_token = prefill / (width * length)  # prefill seconds per prompt token
+        seconds = sum(len(b) * max(b) * per_token + self.summary_tokens * per_step for b in batches)
         n = sum(len(b) for b in batches)
         return seconds, (f"{n} summaries in {len(batches)} batches of <= {width}: prefill {per_token * 1e3:.2f} ms "
-                         f"per prompt token, {per_step * 1e3:.0f} ms per step x {self.summary_tokens}, timed now")
+                         f"per prompt token, {per_step * 1e3:.0f} ms per step x {self.summary_tokens} at "
+                         f"{length} prompt tokens, timed now")
 
     def ingest(self, items) -> None:
         """Store the items, write day summaries, personalities and the overall summary/portrait, index all."""

@@ -59,6 +59,7 @@ class Answer:
     retrieved_ids: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     context: str = ""
+    new_tokens: int = 0  # tokens generated (counted in tokens_processed with the prompt's)
 
 
 @dataclass
@@ -174,11 +175,16 @@ class MemoryMethod(ABC):
         return type(self).answer is MemoryMethod.answer and type(self).generate_answer is MemoryMethod.generate_answer
 
     def generate_answer(self, question: str, context: str, ids: list[str]) -> Answer:
-        """Shared last step: format the prompt, generate greedily, count prompt tokens."""
-        text_prompt = self.prompt.render(question=question, context=context)
-        out = self.generator.generate([text_prompt])[0]
-        self.tokens_processed += out.prompt_tokens + out.new_tokens
-        return Answer(text=out.text, retrieved_ids=ids, prompt_tokens=out.prompt_tokens, context=context)
+        """Shared last step for one question: ``generate_answers`` of one."""
+        return self.generate_answers([(question, context, ids)])[0]
+
+    def generate_answers(self, asked: list[tuple[str, str, list[str]]]) -> list[Answer]:
+        """Shared last step for (question, context, item ids) triples: render the shared prompt with each context,
+        generate greedily as one batch, count prompt and generated tokens."""
+        outs = self.generator.generate([self.prompt.render(question=q, context=c) for q, c, _ in asked])
+        self.tokens_processed += sum(out.prompt_tokens + out.new_tokens for out in outs)
+        return [Answer(text=out.text, retrieved_ids=ids, prompt_tokens=out.prompt_tokens, context=context,
+                       new_tokens=out.new_tokens) for (_, context, ids), out in zip(asked, outs)]
 
     def _encoder(self):
         """The prompt encoder: the task's generator, or an HF one with the prompt's system text (vLLM has one)."""

@@ -264,9 +264,9 @@ def test_runner_reuses_the_cache_across_reruns_limits_and_methods(tmp_path, summ
                          method_options={"summary_tokens": 3, "time_unit_days": 30}, threads=1, quiet=quiet)
 
     run(cfg(1, ["memorybank"], quiet=False))
-    assert len(summary_calls) == 3 + 4 * 2 + 2  # the estimate's probe (warm-up + 2 timed), then 4 sessions on 4 days
-    assert {len(set(c)) for c in summary_calls[:3]} == {1}  # the probe: one truncated prompt, repeated
+    assert len(summary_calls) == 4 * 2 + 2  # 4 sessions on 4 days (the estimate's probe is not a summary)
     err = capsys.readouterr().err
+    assert "persona · memorybank: ingest of 1 corpus" in err and "10 summaries in 10 batches of <= 1" in err
     assert "memorybank ingest persona-s0-000: [10/10] summaries (4/4 days)" in err
     entries = list((tmp_path / ".cache" / "ingest" / SUMMARY_CACHE).rglob("*.json"))
     assert len(entries) == 10

@@ -238,16 +238,15 @@ class QAFamily(Family):
 
         def flush() -> None:
             """Generate the pending questions' answers in one batch, then finish them in asking order."""
-            waiting = [p for p in pending if p["prompt"] is not None]
+            waiting = [p for p in pending if p["batched"]]
             if waiting:
                 t = time.perf_counter()
-                outs = method.generator.generate([p["prompt"] for p in waiting])
+                answers = method.generate_answers([(p["ex"]["question"], p["context"], p["ids"]) for p in waiting])
                 share = (time.perf_counter() - t) / len(waiting)  # a batch's time, split evenly
-                for p, out in zip(waiting, outs):
-                    p["answer"] = Answer(out.text, p["ids"], out.prompt_tokens, p["context"])
+                for p, ans in zip(waiting, answers):
+                    p["answer"] = ans
                     p["answer_s"] += share
-                    p["tokens"] += out.prompt_tokens + out.new_tokens
-                    method.tokens_processed += out.prompt_tokens + out.new_tokens
+                    p["tokens"] += ans.prompt_tokens + ans.new_tokens
             for p in pending:
                 finish(p)
             pending.clear()
@@ -277,11 +276,11 @@ class QAFamily(Family):
                 before = method.tokens_processed
                 t1 = time.perf_counter()
                 gen_this = generate and (generated is None or ex["id"] in generated)
-                p = {"ex": ex, "corpus": corpus, "generate": gen_this, "answer": None, "prompt": None,
+                p = {"ex": ex, "corpus": corpus, "generate": gen_this, "answer": None, "batched": False,
                      "likelihood_done": False}
                 if gen_this and batch > 1:
                     p["context"], p["ids"] = method.retrieve(ex["question"], now=ex.get("now"))
-                    p["prompt"] = method.prompt.render(question=ex["question"], context=p["context"])
+                    p["batched"] = True
                 elif gen_this:
                     p["answer"] = method.answer(ex["question"], now=ex.get("now"))
                 elif likelihood:

@@ -68,7 +68,8 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   taken as its first sentence) and entity (the sentences mentioning an entity, found by the pluggable offline
   extractor of ``r3mem_bench.entities`` -> another sentence about it). In QA, each item (passage / turn /
   session) becomes a paragraph memory, frequent entities get entity memories keyed by their name, and a
-  document memory runs over the whole history. A question is matched to paragraph memories by query
+  document memory runs over the whole history (items packed into segments of up to ``segment_len``
+  tokens). A question is matched to paragraph memories by query
   likelihood (how much a memory lowers the NLL of the question through the read path, relative to the
   empty memory) and to entity memories by name. ``qa_reader=reconstruct`` (default): the chosen memories are
   reconstructed and the reconstructions are the context of the shared prompt. ``qa_reader=memory`` (variant
