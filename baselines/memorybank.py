@@ -334,9 +334,10 @@ class MemoryBank(MemoryMethod):
         per_token = prefill / (width * length)  # prefill seconds per prompt token
         seconds = sum(len(b) * max(b) * per_token + self.summary_tokens * per_step for b in batches)
         n = sum(len(b) for b in batches)
+        hint = "; --method-arg summary_batch_size=8 generates 8 at a time" if size == 1 and n > 8 else ""
         return seconds, (f"{n} summaries in {len(batches)} batches of <= {width}: prefill {per_token * 1e3:.2f} ms "
                          f"per prompt token, {per_step * 1e3:.0f} ms per step x {self.summary_tokens} at "
-                         f"{length} prompt tokens, timed now")
+                         f"{length} prompt tokens, timed now{hint}")
 
     def ingest(self, items) -> None:
         """Store the items, write day summaries, personalities and the overall summary/portrait, index all."""
