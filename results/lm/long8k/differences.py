@@ -5,6 +5,9 @@ and (documents of 64 segments) the second half against the first, from committed
     python results/lm/long8k/differences.py results/r3mem/heldout/wikitext2  # the README's beyond-window numbers
     python results/lm/long8k/differences.py results/r3mem/ablations/wikitext2 r3mem_no_recon:r3mem \
         r3mem:results/r3mem/heldout/wikitext2/r3mem ...   # pairs A:B (a name with '/' is a run directory)
+    python results/lm/long8k/differences.py results/r3mem/ablations/qa/needle \
+        "r3mem_no_recon:qa_reader=memory::r3mem_kv"   # QA runs (answer_nll, choice_acc, recall); '::' splits
+                                                      # names that hold ':'
 """
 
 from __future__ import annotations
@@ -35,11 +38,17 @@ def main() -> None:
     global RUNS
     if len(sys.argv) > 1:
         RUNS = Path(sys.argv[1])
-    pairs = [tuple(p.split(":")) for p in sys.argv[2:]] or PAIRS
+    pairs = [tuple(p.split("::")) if "::" in p else tuple(p.split(":")) for p in sys.argv[2:]] or PAIRS
+    pairs = [(a, b) for a, b in pairs if run_dir(a).is_dir() and run_dir(b).is_dir()]
+    if pairs and "segment_nll_sum" not in rows(pairs[0][0])[0]:  # QA runs: per-question answer metrics
+        for metric in ("answer_nll", "choice_acc", "recall"):
+            for a, b in pairs:
+                got = stats.paired_bootstrap_diff(stats.qa_units(rows(a), metric), stats.qa_units(rows(b), metric))
+                if got:
+                    print(f"{metric:16s} {a} - {b} over questions: {got[0]:+.3f} [{got[1]:+.3f}, {got[2]:+.3f}]")
+        return
     for metric in ("ppl_after_first", "ppl_beyond_16", "ppl_beyond_64"):
         for a, b in pairs:
-            if not (run_dir(a).is_dir() and run_dir(b).is_dir()):
-                continue
             for unit in ("segment", "document"):
                 d, lo, hi = stats.paired_bootstrap_diff(stats.lm_units(rows(a), metric, unit=unit),
                                                         stats.lm_units(rows(b), metric, unit=unit))
