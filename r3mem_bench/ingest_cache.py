@@ -121,6 +121,15 @@ def _tensor_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
+KILL_AFTER_WRITES_ENV = "R3MEM_BENCH_KILL_AFTER_INGEST_WRITES"
+
+
+def _kill_after_writes() -> int:
+    """Test-only hook: SIGKILL this process right after its N-th ingest-cache write (crash tests of ingest)."""
+    value = os.environ.get(KILL_AFTER_WRITES_ENV, "")
+    return int(value) if value.isdigit() else 0
+
+
 class IngestCache:
     """Get-or-compute store of ingest products under ``root`` (see the module docstring)."""
 
@@ -227,6 +236,10 @@ class IngestCache:
                 self.log(f"ingest cache {self.root}: cannot write ({exc.strerror or exc}); going on without caching")
             return False
         self.stats["writes"] += 1
+        if _kill_after_writes() and self.stats["writes"] == _kill_after_writes():
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         return True
 
     @staticmethod

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-TIMING_FIELDS = ("latency_s", "seconds_per_segment", "answer_s", "ingest_s")
+from r3mem_bench.conformance import TIMING_FIELDS  # wall-clock fields of a row (the rest is reproducible)
+
 TINY = ["--model", "tiny-random", "--threads", "1", "--quiet"]
 WORDS = ["memory", "river", "lantern", "quantum", "harbor", "velvet", "orbit", "meadow", "cipher", "granite", "echo", "prism", "tundra", "signal", "été", "naïve", "über", "中文", "日本語", "😀"]
 

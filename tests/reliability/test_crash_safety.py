@@ -122,3 +122,28 @@ def test_partial_last_line_is_cut_and_redone(args, tmp_path):
     _run_to_end(args, tmp_path / "out")
     assert all_rows(tmp_path / "out") == want
     assert len(strict_rows(results)) == len(lines)
+
+
+def test_sigkill_during_ingest_then_rerun_matches_uninterrupted(tmp_path):
+    """A dialogue run killed (SIGKILL) in the middle of MemoryBank's summaries, before any row: the rerun reads
+    the finished summaries back from the run's ingest cache, writes the rest and ends with the rows of an
+    uninterrupted run."""
+    from r3mem_bench.ingest_cache import KILL_AFTER_WRITES_ENV
+
+    argv = [sys.executable, "-m", "r3mem_bench.cli", "run", "--task", "persona", "--method", "memorybank", "--limit",
+            "2", "--param", "generate=false", "--method-arg", "summary_tokens=6", *TINY]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    done = subprocess.run([*argv, "--output", str(ref)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summaries = ref / ".cache" / "ingest" / "memorybank-summaries"
+    total = len(list(summaries.rglob("*.json")))
+    assert total > 4
+    killed = subprocess.run([*argv, "--output", str(out)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, KILL_AFTER_WRITES_ENV: "3"})
+    assert killed.returncode == -signal.SIGKILL
+    assert len(list((out / ".cache" / "ingest" / "memorybank-summaries").rglob("*.json"))) == 3
+    assert not any(p.read_text() for p in out.rglob("results.jsonl"))  # killed inside ingest, before any row
+    again = subprocess.run([*argv, "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert all_rows(out) == all_rows(ref)
+    assert len(list((out / ".cache" / "ingest" / "memorybank-summaries").rglob("*.json"))) == total
