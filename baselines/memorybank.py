@@ -27,7 +27,8 @@ the tokens they cost when generated, so the rows of a warm run equal a cold run'
 ``summary_batch_size`` (default 1, one prompt at a time as the numbers in ``results/`` were made) generates that
 many prompts of a conversation at once, left-padded, in a fixed order (each day's event then personality
 prompt, then the overall two), each batch one cache entry. Batched greedy outputs equalled unbatched ones on every
-prompt tried (SmolLM2-135M, CPU fp32: 4 day summaries, batch 4, 5.8x faster; tiny-random: 16 prompts, batch 4 and 8),
+prompt tried (SmolLM2-135M, CPU fp32: the 60 summaries of LoCoMo's conv-43 and the 58 of the generated LoCoMo-size
+conversation at batch 8, ``results/benchmarks/dialogue_ingest*.json``; tiny-random: 16 prompts, batch 4 and 8),
 but padding changes the shapes of the matrix products, so a greedy tie could in principle break otherwise; the
 option is recorded in the manifest whenever it is given. Ingest progress (``[done/total] summaries (d/n days),
 tok/s``) goes to stderr through the runner's ``ingest_log``.
