@@ -121,8 +121,27 @@ def test_adapter_loglikelihood_matches_direct_scoring(tiny_lm, tmp_path):
     assert ll == pytest.approx(-float(direct.sum()), rel=1e-5) and greedy is False
     name = _mc_task(tmp_path)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    sent = []  # every (context, continuation) lm-eval asked for, in order, with the adapter's answer
+    real = adapter.loglikelihood
+
+    def recording(requests, *a, **k):
+        out = real(requests, *a, **k)
+        sent.extend((r.args, o[0]) for r, o in zip(requests, out))
+        return out
+
+    adapter.loglikelihood = recording
     res = lm_eval.simple_evaluate(model=adapter, tasks=[name], task_manager=manager)
-    assert 0.0 <= res["results"][name]["acc,none"] <= 1.0
+    assert len(sent) == 4  # 2 documents x 2 choices
+    for (context, continuation), ll_sent in sent:  # each answer equals direct scoring of that request
+        c = [tiny_lm.prefix_token_id] + tok(context, add_special_tokens=False)["input_ids"]
+        x = tok(continuation, add_special_tokens=False)["input_ids"]
+        assert ll_sent == pytest.approx(-float(score_continuation(tiny_lm, torch.tensor(c), torch.tensor(x)).sum()),
+                                        rel=1e-5)
+    by_doc = {}
+    for (context, continuation), ll in sent:
+        by_doc.setdefault(context, []).append(ll)
+    expected = sum(max(range(2), key=lambda i: lls[i]) == 0 for lls in by_doc.values()) / 2  # label 0 in both
+    assert res["results"][name]["acc,none"] == pytest.approx(expected)
 
 
 def test_adapter_generate_until_qa_and_raw(tiny_lm):
