@@ -284,8 +284,8 @@ class MemoryBank(MemoryMethod):
     def ingest_estimate(self, corpora) -> tuple[float, str] | None:
         """Summary batches to generate (those not in the run's ingest cache; the overall two counted at their
         longest) times their cost, from a probe timed now at this ``summary_batch_size`` and the batches' mean
-        prompt length: prefill seconds per prompt token and seconds per generated step, every summary counted at
-        ``summary_tokens`` (an upper estimate where summaries stop early)."""
+        padded length (each batch's longest prompt): prefill seconds per prompt token and seconds per generated
+        step, every summary counted at ``summary_tokens`` (an upper estimate where summaries stop early)."""
         import torch
 
         from r3mem_bench.generation import HFGenerator
@@ -313,7 +313,8 @@ class MemoryBank(MemoryMethod):
         if not batches:
             return (0.0, "summaries cached") if corpora and any(corpora) else None
         width = max(len(b) for b in batches)
-        length = max(1, min(len(probe), round(sum(sum(b) for b in batches) / sum(len(b) for b in batches))))
+        # a batch runs padded to its longest prompt: probe at the batches' mean padded length
+        length = max(1, min(len(probe), round(sum(max(b) for b in batches) / len(batches))))
         rows = torch.tensor([probe[:length]], device=self.lm.device)  # [1, length]
         model, steps = self.lm.model, 4
         params = inspect.signature(model.forward).parameters
