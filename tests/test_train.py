@@ -273,7 +273,7 @@ def test_cli_stop_after_then_new_step_budget_records_the_schedule_change(tmp_pat
     assert second.returncode == 0, second.stderr[-2000:]
     meta = json.loads((tmp_path / "cli" / "r3mem.json").read_text())
     assert meta["training"]["steps_changes"] == [{"at_step": 2, "from": 6, "to": 4}]
-    api = config(tmp_path / "api", corpus, steps=6)
+    api = config(tmp_path / "api", corpus, steps=6, threads=1)  # the CLI's thread count: bitwise comparable
     train(api, stop_after=2, quiet=True)
-    train(config(tmp_path / "api", corpus, steps=4), quiet=True)
+    train(config(tmp_path / "api", corpus, steps=4, threads=1), quiet=True)
     assert same(weights(tmp_path / "cli"), weights(tmp_path / "api"))
