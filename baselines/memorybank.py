@@ -298,9 +298,11 @@ class MemoryBank(MemoryMethod):
                           max_prompt_tokens=self.summary_prompt_tokens, batch_size=size)
         batches: list[list[int]] = []  # prompt tokens (as the summariser encodes them) of each batch to generate
         probe: list[int] = []
+        summarised = False  # whether any corpus has days to summarise
         for items in corpora:
             by_day, speakers = self._days(items)
             prompts = self._day_prompts(by_day, speakers)
+            summarised = summarised or bool(prompts)
             chunks = [prompts[i: i + size] for i in range(0, len(prompts), size)]
             fresh = [c for c in chunks if cache is None or not cache.has(SUMMARY_CACHE, self._summary_parts(c))]
             for c in fresh:
@@ -311,7 +313,7 @@ class MemoryBank(MemoryMethod):
                 longest = min(self.summary_prompt_tokens, 96 + len(by_day) * (self.summary_tokens + 16))
                 batches += [[longest] * min(2, size)] * (2 // min(2, size))
         if not batches:
-            return (0.0, "summaries cached") if corpora and any(corpora) else None
+            return (0.0, "summaries cached") if summarised else None  # no timestamps: nothing to summarise
         width = max(len(b) for b in batches)
         # a batch runs padded to its longest prompt: probe at the batches' mean padded length
         length = max(1, min(len(probe), round(sum(max(b) for b in batches) / len(batches))))

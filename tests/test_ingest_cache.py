@@ -12,6 +12,7 @@ from r3mem_bench.baselines.memorybank import SUMMARY_CACHE, SUMMARY_SYSTEM
 from r3mem_bench.errors import UserError
 from r3mem_bench.generation import HFGenerator
 from r3mem_bench.ingest_cache import IngestCache, IngestProgress, model_id
+from r3mem_bench.method import MemoryItem
 from r3mem_bench.methods import get_method_class
 
 
@@ -296,6 +297,8 @@ def test_estimates_count_what_ingest_will_compute_and_nothing_that_is_cached(tin
     again = bank_method(tiny_lm, IngestCache(tmp_path / "a"), summary_batch_size=4)
     assert again.ingest_estimate([items]) == (0.0, "summaries cached")
     assert bank_method(tiny_lm, summaries="off").ingest_estimate([items]) is None
+    undated = [MemoryItem(i.id, i.text) for i in items]  # a RAG corpus: no days, so no summaries to estimate
+    assert bank_method(tiny_lm, IngestCache(tmp_path / "b")).ingest_estimate([undated]) is None
 
     r3 = get_method_class("r3mem")(tiny_lm, {"untrained": True, "max_memory_tokens": 8, "memory_tokens": 4,
                                              "segment_len": 16}, **qa_parts(tiny_lm))

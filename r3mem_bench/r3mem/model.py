@@ -215,7 +215,9 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
             slot_at[rows] = slot_index
             text_at[rows, :n] = torch.cat([torch.zeros(1, dtype=torch.long), 1 + (order < n).nonzero()[:-1, 0]])
         hidden, kv = self._forward(past, torch.cat([read, body], dim=1), M + 1)  # body k at position M+2+k
-        slot_kv = torch.stack([kv[:, :, b, :, 1 + slot_at[b].to(kv.device)] for b in range(B)], dim=2)  # [L,2,B,H,M,D]
+        L, _, _, H, _, D = kv.shape  # kv [L,2,B,H,1+T+M,D]: the read marker, then the body
+        where = (1 + slot_at).to(kv.device).view(1, 1, B, 1, M, 1).expand(L, 2, B, H, M, D)
+        slot_kv = kv.gather(4, where)  # [L,2,B,H,M,D]: each row's slots
         target = 1 + torch.arange(M) if self.cfg["slot_positions"] == "ordered" else torch.ones(M, dtype=torch.long)
         keys = rotate_keys(slot_kv[:, 0], target - (M + 2 + slot_at), self.rotary)  # row b's slot j -> target[j]
         hidden = hidden.gather(1, text_at.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))

@@ -71,29 +71,43 @@ class QAMixin:
         length (ragged rows right-padded: ``compress(lengths=...)``), so a history of short turns costs a few
         batched passes instead of one pass per turn.
         """
-        cap = cap or int(self.cfg["max_item_tokens"])
         S = int(self.cfg["segment_len"])
-        ids = [x[:cap] for x in self.lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+        ids = self._token_ids(texts, cap)
         out: list[tuple[torch.Tensor, int] | None] = [None] * len(ids)
-        by_chunks: dict[int, list[int]] = {}
-        for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
-            by_chunks.setdefault(-(-len(ids[i]) // S), []).append(i)
         done, before = 0, self._ingest_tokens0
-        for k, group in sorted(by_chunks.items()):
-            for start in range(0, len(group), self.ingest_batch):
-                rows = group[start: start + self.ingest_batch]
-                memory = self.empty_memory(batch=len(rows))
-                for c in range(k):
-                    pieces = [ids[i][c * S: (c + 1) * S] for i in rows]
-                    width = max(len(p) for p in pieces)
-                    chunk = torch.tensor([p + [self.bos] * (width - len(p)) for p in pieces], device=self.lm.device)
-                    _, memory = self.compress(chunk, memory, lengths=[len(p) for p in pieces])
-                    self.tokens_processed += sum(1 + len(p) + self.M for p in pieces)
-                for r, i in enumerate(rows):
-                    out[i] = (memory[:, :, r], len(ids[i]))
-                done += len(rows)
-                self._progress(what, done, len(ids), self.tokens_processed - before)
+        for k, rows in self._memory_batches([len(x) for x in ids]):
+            memory = self.empty_memory(batch=len(rows))
+            for c in range(k):
+                pieces = [ids[i][c * S: (c + 1) * S] for i in rows]
+                width = max(len(p) for p in pieces)
+                chunk = torch.tensor([p + [self.bos] * (width - len(p)) for p in pieces], device=self.lm.device)
+                _, memory = self.compress(chunk, memory, lengths=[len(p) for p in pieces])
+                self.tokens_processed += sum(1 + len(p) + self.M for p in pieces)
+            for r, i in enumerate(rows):
+                out[i] = (memory[:, :, r], len(ids[i]))
+            done += len(rows)
+            self._progress(what, done, len(ids), self.tokens_processed - before)
         return out  # type: ignore[return-value]
+
+    def _token_ids(self, texts: list[str], cap: int | None = None) -> list[list[int]]:
+        """Each text's token ids, capped at ``cap`` (default ``max_item_tokens``)."""
+        cap = cap or int(self.cfg["max_item_tokens"])
+        return [x[:cap] for x in self.lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+    def _memory_batches(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
+        """How ``_memories_of`` compresses texts of these token counts: (chunks of segment_len, row indices) per
+        batch; texts with the same number of chunks together, ``ingest_batch`` at a time in order of length."""
+        S = int(self.cfg["segment_len"])
+        by_chunks: dict[int, list[int]] = {}
+        for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+            by_chunks.setdefault(-(-lengths[i] // S), []).append(i)
+        return [(k, group[start: start + self.ingest_batch]) for k, group in sorted(by_chunks.items())
+                for start in range(0, len(group), self.ingest_batch)]
+
+    @staticmethod
+    def _entity_texts(mentions: dict[str, list[tuple[str, str]]]) -> list[str]:
+        """The text each entity memory compresses: its mentioning sentences, in order."""
+        return [" ".join(s for _, s in m) for m in mentions.values()]
 
     def _progress(self, what: str, done: int, total: int, tokens: int) -> None:
         """An ingest progress line (at most every 10 s, and at the end of each step) through the runner's printer:
@@ -161,8 +175,8 @@ class QAMixin:
         for item, (memory, n) in zip(items, memories):
             self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory.half(), "tokens": n})
         mentions = self._frequent_entities(items)
-        memories = self._memories_of([" ".join(s for _, s in m) for m in mentions.values()],
-                                     cap=int(self.cfg["segment_len"]), what="entity memories")
+        memories = self._memories_of(self._entity_texts(mentions), cap=int(self.cfg["segment_len"]),
+                                     what="entity memories")
         for (ent, mention), (memory, n) in zip(mentions.items(), memories):
             self.bank.append({"ids": sorted({i for i, _ in mention}), "kind": "entity", "key": ent,
                               "memory": memory.half(), "tokens": n})
@@ -183,7 +197,7 @@ class QAMixin:
     def ingest_estimate(self, corpora: list[list[MemoryItem]]) -> tuple[float, str] | None:
         """Compress passes the ingest needs (the document memory's packed segments one at a time; paragraph and
         entity memories in batches) times the seconds of one pass, measured now on rows of the mean length."""
-        S, cap = int(self.cfg["segment_len"]), int(self.cfg["max_item_tokens"])
+        S = int(self.cfg["segment_len"])
         cache = getattr(self, "ingest_cache", None)
         todo = []
         for items in corpora:
@@ -197,15 +211,11 @@ class QAMixin:
         batched = 0  # passes of up to ingest_batch rows
         for items in todo:
             segments += [len(seg) for seg, _ in self._document_segments(items)]
-            if self.hierarchy:
-                tokens = self.lm.tokenizer([i.text for i in items], add_special_tokens=False)["input_ids"]
-                n = [len(x[:cap]) for x in tokens]
+            if self.hierarchy:  # paragraph then entity memories, batched as _memories_of batches them
+                n = [len(x) for x in self._token_ids([i.text for i in items])]
+                entities = [len(x) for x in self._token_ids(self._entity_texts(self._frequent_entities(items)), S)]
                 items_len += n
-                groups: dict[int, int] = {}
-                for k in n:
-                    groups[-(-k // S)] = groups.get(-(-k // S), 0) + 1
-                batched += sum(-(-count // self.ingest_batch) * k for k, count in groups.items())
-                batched += -(-len(self._frequent_entities(items)) // self.ingest_batch)
+                batched += sum(k for lengths in (n, entities) for k, _ in self._memory_batches(lengths))
 
         def timed(rows: int, lengths: list[int]) -> float:  # seconds of one compress pass of rows x mean length
             width = max(1, min(S, round(sum(lengths) / max(1, len(lengths)))))
