@@ -23,12 +23,13 @@ cell's questions in batches of the generator's ``batch_size``, 8 by default).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LmEvalRolling, lm_docs, lm_task, plot, setup, write_result
+from _common import ROOT, LmEvalRolling, lm_docs, lm_task, plot, setup, write_result
 
 BATCHES = (1, 4, 16)
 
@@ -58,11 +59,13 @@ def qa_prompts(lm, n: int) -> list[str]:
             for q in questions]
 
 
-def gemm_ceiling(lm, rows: int, context: int, repeats: int = 5, head: bool = True) -> dict:
-    """Tokens/s of a forward pass whose matrix products all run at the measured fp32 GEMM rate of their shape
-    (``head=False``: without the output head, as a prefill that only needs the last position's logits)."""
+def gemm_ceiling(lm, rows: int, context: int, repeats: int = 5, head: bool = True, dtype: str = "fp32") -> dict:
+    """Tokens/s of a forward pass whose matrix products all run at the measured GEMM rate of their shape in
+    ``dtype`` (fp32 or bf16; ``head=False``: without the output head, as a prefill that only needs the last
+    position's logits)."""
     import torch
 
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     cfg = lm.model.config
     d, ff, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     heads = cfg.num_attention_heads
@@ -71,7 +74,7 @@ def gemm_ceiling(lm, rows: int, context: int, repeats: int = 5, head: bool = Tru
               "head": (d, V, 1 if head else 0)}
     rates, seconds_per_token = {}, 0.0
     for name, (k, n, count) in shapes.items():
-        a, b = torch.randn(rows, k), torch.randn(k, n)
+        a, b = torch.randn(rows, k, dtype=dt), torch.randn(k, n, dtype=dt)
         a @ b
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -82,7 +85,7 @@ def gemm_ceiling(lm, rows: int, context: int, repeats: int = 5, head: bool = Tru
     attention = 4 * L * d * context  # scores and weighted values over `context` keys, per token
     seconds_per_token += attention / (1e9 * min(rates.values()))
     flops = sum(2 * k * n * c for k, n, c in shapes.values()) + attention
-    return {"rows": rows, "context": context, "gflops_by_shape": rates, "flops_per_token": flops,
+    return {"rows": rows, "context": context, "dtype": dtype, "gflops_by_shape": rates, "flops_per_token": flops,
             "tokens_per_s_limit": 1.0 / seconds_per_token}
 
 
@@ -125,19 +128,24 @@ TRAINING = [  # (label, method, segments, method options, precision, micro_batch
 ]
 
 
-def training_throughput(model: str, threads: int, steps: int) -> list[dict]:
-    """Tokens/s of training steps (the first step is a warm-up and not counted) for each row of ``TRAINING``."""
+def training_throughput(model: str, threads: int, steps: int, rows=None) -> list[dict]:
+    """Tokens/s of training steps (the first step is a warm-up and not counted) for each row of ``TRAINING``
+    (or ``rows``), with the ``r3mem_bench`` that is imported (the baseline run imports an older one)."""
+    import dataclasses
     import json
     import tempfile
 
     from r3mem_bench.train import TrainConfig, train
 
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out = []
-    for label, method, segments, opts, precision, micro, accum in TRAINING:
+    for label, method, segments, opts, precision, micro, accum in rows or TRAINING:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(method=method, model=model, steps=steps + 1, output=tmp, segment_len=128,
-                              segments=segments, grad_accum=accum, micro_batch=micro, precision=precision,
-                              warmup=1, checkpoint_every=steps + 1, threads=threads, method_options=dict(opts))
+            given = dict(method=method, model=model, steps=steps + 1, output=tmp, segment_len=128,
+                         segments=segments, grad_accum=accum, micro_batch=micro, precision=precision,
+                         warmup=1, checkpoint_every=steps + 1, threads=threads, method_options=dict(opts))
+            # code without micro-batches or precision (the baseline) trains one fp32 sample per pass anyway
+            cfg = TrainConfig(**{k: v for k, v in given.items() if k in fields})
             train(cfg, quiet=True)
             log = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()][1:]
         seconds = sum(r["seconds"] for r in log)
@@ -146,31 +154,56 @@ def training_throughput(model: str, threads: int, steps: int) -> list[dict]:
                     "grad_accum": accum, "segments": segments, "steps": len(log), "seconds": seconds,
                     "text_tokens_per_s": tokens / seconds, "losses": [r["loss"] for r in log]})
         print(f"train {label} {precision} mb{micro} x{accum}: {tokens / seconds:,.0f} text tok/s", flush=True)
-    for row in out:
-        base = next(r for r in out if r["label"] == row["label"] and r["precision"] == "fp32" and r["micro_batch"] == 1)
-        row["speedup_vs_fp32_mb1"] = row["text_tokens_per_s"] / base["text_tokens_per_s"]
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Measure and write results/benchmarks/throughput.json (+ throughput.png)."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--documents", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=2048, help="tokens per document")
-    ap.add_argument("--segment-len", type=int, default=256)
-    ap.add_argument("--questions", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps per configuration (0: skip)")
-    ap.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval contender")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    setup(args.threads)
-    from r3mem_bench.generation import HFGenerator
-    from r3mem_bench.models import load_model
+def speedups(rows: list[dict], baseline: list[dict]) -> None:
+    """Each row's tokens/s over the one-sample-per-pass fp32 row of its label, of this code and of the baseline's."""
+    for row in rows:
+        base = next(r for r in rows if r["label"] == row["label"] and r["precision"] == "fp32" and r["micro_batch"] == 1)
+        row["speedup_vs_fp32_mb1"] = row["text_tokens_per_s"] / base["text_tokens_per_s"]
+        old = next((r for r in baseline if r["label"] == row["label"]), None)
+        if old:
+            row["speedup_vs_baseline_commit"] = row["text_tokens_per_s"] / old["text_tokens_per_s"]
 
-    lm = load_model(args.model, threads=args.threads)
+
+def baseline_training(commit: str, model: str, threads: int, steps: int) -> list[dict]:
+    """The one-sample-per-pass fp32 rows of ``TRAINING`` timed on the code of ``commit``, in a child process on a
+    temporary git worktree (its package layout rebuilt from its pyproject), on this machine in this run."""
+    import json
+    import subprocess
+    import tempfile
+    import tomllib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "code"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(code), commit], check=True,
+                       capture_output=True)
+        try:
+            dirs = tomllib.loads((code / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-dir", {})
+            for package, folder in dirs.items():  # "r3mem_bench.baselines" = "baselines": link it into the package
+                link = code / package.replace(".", "/")
+                if not link.exists():
+                    link.symlink_to(code / folder, target_is_directory=True)
+            out = Path(tmp) / "rows.json"
+            here = str(Path(__file__).resolve().parent)
+            child = (f"import sys, json; sys.path.insert(0, {here!r}); import throughput as t; t.setup({threads}); "
+                     "rows = [r for r in t.TRAINING if r[4] == 'fp32' and r[5] == 1]; "
+                     f"json.dump(t.training_throughput({model!r}, {threads}, {steps}, rows), open({str(out)!r}, 'w'))")
+            env = {**os.environ, "PYTHONPATH": str(code)}
+            subprocess.run([sys.executable, "-c", child], check=True, cwd=tmp, env=env)
+            rows = json.loads(out.read_text())
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], capture_output=True)
+    for row in rows:
+        row["commit"] = commit
+    return rows
+
+
+def scoring_and_generation(lm, args) -> dict:
+    """LM scoring and QA prefill against the GEMM ceiling, and QA generation, at each batch size."""
+    from r3mem_bench.generation import HFGenerator
+
     task = lm_task(args.tokens, segment_len=args.segment_len, min_tokens=args.tokens)
     docs = lm_docs(task, lm.tokenizer, args.documents)
     lm_throughput(lm, task, docs[:1], 4)  # warm-up
@@ -203,10 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         prefill.append({"batch_size": batch, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                         "gemm_limit_tokens_per_s": limit, "fraction_of_ceiling": tokens / seconds / limit})
         print(f"QA prefill batch {batch}: {tokens / seconds:,.0f} tok/s = {tokens / seconds / limit:.0%}", flush=True)
-    training = training_throughput(args.model, args.threads, args.train_steps) if args.train_steps else []
-    train_limit = gemm_ceiling(lm, 4 * 161, 80)["tokens_per_s_limit"] / 3
-    for row in training:
-        row["fraction_of_training_ceiling"] = row["text_tokens_per_s"] / train_limit
     qa_rows = []
     for batch in BATCHES:
         gen = HFGenerator(lm, max_new_tokens=args.max_new_tokens, batch_size=batch)
@@ -220,16 +249,58 @@ def main(argv: list[str] | None = None) -> int:
                         "answers": [o.text for o in outs]})
         print(f"QA batch {batch}: {len(prompts) / seconds:.2f} questions/s", flush=True)
     same = all(r["answers"] == qa_rows[0]["answers"] for r in qa_rows)
-    payload = {"model": args.model, "threads": args.threads, "documents": len(docs), "tokens_per_document": args.tokens,
-               "segment_len": args.segment_len, "gemm_ceiling": ceilings, "lm": lm_rows, "qa_prefill": prefill,
-               "training": training, "training_limit_text_tokens_per_s": train_limit, "qa": qa_rows,
-               "qa_answers_identical_across_batch_sizes": same,
-               "notes": "lm-eval: loglikelihood_rolling with max_length = segment_len and the same batch size, "
-                        "same model object and prefix token; seconds of the second simple_evaluate call. Training: "
-                        "text tokens (segments x 128 x samples) per second of optimizer steps; the first step is "
-                        "not timed; its ceiling counts forward + backward as 3 forward passes of GEMMs at the "
-                        "measured fp32 rate (bf16 may exceed it)."}
+    return {"documents": len(docs), "tokens_per_document": args.tokens, "segment_len": args.segment_len,
+            "gemm_ceiling": ceilings, "lm": lm_rows, "qa_prefill": prefill, "qa": qa_rows,
+            "qa_answers_identical_across_batch_sizes": same}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and write results/benchmarks/throughput.json (+ throughput.png)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--documents", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per document")
+    ap.add_argument("--segment-len", type=int, default=256)
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps per configuration (0: skip)")
+    ap.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval contender")
+    ap.add_argument("--baseline-commit", default=None,
+                    help="also time the one-sample-per-pass fp32 training rows on this commit's code (the 'before')")
+    ap.add_argument("--training-only", action="store_true",
+                    help="only the training rows, written to throughput_training.json")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    setup(args.threads)
+    from r3mem_bench.models import load_model
+
+    lm = load_model(args.model, threads=args.threads)
+    payload: dict = {"model": args.model, "threads": args.threads}
+    if not args.training_only:
+        payload.update(scoring_and_generation(lm, args))
+    baseline = (baseline_training(args.baseline_commit, args.model, args.threads, args.train_steps)
+                if args.baseline_commit and args.train_steps else [])
+    training = training_throughput(args.model, args.threads, args.train_steps) if args.train_steps else []
+    speedups(training, baseline)
+    # forward + backward ~ 3 forward passes of GEMMs; rows x context of a 4-sample micro-batch of 128 + 2 x 16
+    limits = {dt: gemm_ceiling(lm, 4 * 161, 80, dtype=dt)["tokens_per_s_limit"] / 3 for dt in ("fp32", "bf16")}
+    for row in baseline + training:
+        row["fraction_of_training_ceiling"] = row["text_tokens_per_s"] / limits[row["precision"]]
+    payload.update({"training_baseline": baseline, "training": training,
+                    "training_limit_text_tokens_per_s": limits,
+                    "notes": "lm-eval: loglikelihood_rolling with max_length = segment_len and the same batch size, "
+                             "same model object and prefix token; seconds of the second simple_evaluate call. "
+                             "Training: text tokens (segments x 128 x samples) per second of optimizer steps; the "
+                             "first step is not timed; its ceiling counts forward + backward as 3 forward passes of "
+                             "GEMMs at the rate measured in the row's precision. training_baseline: the fp32 "
+                             "one-sample-per-pass rows on the code of --baseline-commit, same machine and run."})
+    if args.training_only:
+        path = write_result("throughput_training", payload, args.out)
+        print(f"wrote {path}")
+        return 0
     path = write_result("throughput", payload, args.out)
+    lm_rows, qa_rows = payload["lm"], payload["qa"]
     plot(path.with_suffix(".png"), f"Throughput ({args.model}, {args.threads} threads)", "batch size",
          "tokens/s (LM) | questions/s x100 (QA)",
          {"LM no_memory": (list(BATCHES), [r["tokens_per_s"] for r in lm_rows]),

@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
         raise UserError(f"{root}: resume state is at step {state['step']} > --steps {cfg.steps}; fix: raise --steps")
     if hasattr(method, "train"):
         method.train(True)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+    precision = bf16_training(method) if cfg.precision == "bf16" else contextlib.nullcontext
     state.setdefault("cpu_seconds", 0.0)
     step = state["step"]
     log_path = root / "train_log.jsonl"
@@ -357,7 +357,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
                 segments = data.batch(cfg.seed, step, micro, cfg.micro_batch)
                 torch.manual_seed((cfg.seed * 1_000_003 + step * 101 + micro) % (2**31 - 1))
                 method.train_step = step  # 0-based step, for step-dependent schedules (RMT's curriculum)
-                with autocast:
+                with precision():
                     losses = method.training_losses(segments)
                 (losses["loss"] / cfg.grad_accum).backward()
                 for k, v in losses.items():
@@ -394,6 +394,32 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     if not keep_resume:
         shutil.rmtree(root / "resume", ignore_errors=True)
     return root
+
+
+def bf16_training(method):
+    """Prepare ``method`` for bf16 training; returns the context its passes run in.
+
+    The frozen matrix of every ``Linear`` in the method's networks is stored in bfloat16 once: autocast keeps
+    casts only of trainable leaves, so it cast the frozen base again on every pass (the products are the same
+    bf16 products). A head tied to the input embedding gets its own frozen copy; embeddings, norms and the
+    trainable tensors stay float32. The passes run under CPU autocast with attention on PyTorch's math kernel,
+    which on this CPU runs bf16 attention with its backward about 1.7x faster than the fused kernel.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    nets = [m for m in vars(method).values() if isinstance(m, torch.nn.Module)]
+    for net in nets:
+        for mod in net.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, torch.nn.Linear) and w is not None and not w.requires_grad and w.dtype == torch.float32:
+                mod.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+
+    @contextlib.contextmanager
+    def passes():
+        with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
+            yield
+
+    return passes
 
 
 def _init_from(method, path: str) -> dict:
@@ -439,7 +465,7 @@ def register(app: typer.Typer) -> None:
         grad_accum: int = typer.Option(1, "--grad-accum", help="Forward/backward passes per optimizer step."),
         micro_batch: int = typer.Option(1, "--micro-batch",
                                         help="Samples stacked into one forward pass (effective batch: micro-batch x grad-accum)."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; weights stay fp32)."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; frozen base weights stored in bf16, trained tensors fp32)."),
         lr: float = typer.Option(1e-3, "--lr", help="Base learning rate (methods may scale it per group)."),
         warmup: int = typer.Option(20, "--warmup"),
         checkpoint_every: int = typer.Option(25, "--checkpoint-every"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -277,3 +278,109 @@ def test_cli_stop_after_then_new_step_budget_records_the_schedule_change(tmp_pat
     train(api, stop_after=2, quiet=True)
     train(config(tmp_path / "api", corpus, steps=4, threads=1), quiet=True)
     assert same(weights(tmp_path / "cli"), weights(tmp_path / "api"))
+
+
+@pytest.mark.parametrize("method", ["r3mem", "rmt"])
+def test_bf16_training_stores_frozen_matrices_once_with_autocasts_products(tiny_lm, method):
+    """bf16 training keeps the frozen base's Linear weights in bfloat16 (the shared model and the trainable
+    tensors untouched) and gives the losses and gradients autocast gives from the float32 weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from r3mem_bench.methods import get_method_class
+    from r3mem_bench.train import bf16_training
+
+    opts = ({"for_training": True, "segment_len": 12, "train_segments": 2, **METHOD_ARGS, "train_memory_sizes": [4],
+             "train_memory_probs": [1.0], "level_probs": [1.0, 0.0, 0.0]} if method == "r3mem" else
+            {"for_training": True, "segment_len": 12, "train_segments": 2, "num_mem_tokens": 2, "lora_r": 4})
+    ids = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    batch = [torch.tensor([ids[o + k * 12: o + (k + 1) * 12] for o in (0, 40)]) for k in range(2)]
+
+    def losses_and_grads(m, context):
+        params = list(m.trainable_parameters().values())
+        for p in params:
+            p.grad = None
+        torch.manual_seed(3)
+        with context():
+            loss = m.training_losses(batch)["loss"]
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in params if p.grad is not None]
+
+    def build():
+        torch.manual_seed(0)
+        m = get_method_class(method)(tiny_lm, dict(opts))
+        m.train(True)
+        with torch.no_grad():
+            for n, p in m.trainable_parameters().items():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        return m
+
+    reference = losses_and_grads(build(), lambda: _autocast_math(SDPBackend, sdpa_kernel))
+    m = build()
+    context = bf16_training(m)
+    nets = [v for v in vars(m).values() if isinstance(v, torch.nn.Module)]
+    linears = [mod for net in nets for mod in net.modules() if isinstance(mod, torch.nn.Linear)]
+    frozen = [mod.weight for mod in linears if not mod.weight.requires_grad]
+    assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
+    assert all(p.dtype == torch.float32 for p in m.trainable_parameters().values())
+    assert all(p.dtype == torch.float32 for p in tiny_lm.model.parameters())  # the shared model is not touched
+    loss, grads = losses_and_grads(m, context)
+    assert loss == reference[0]
+    assert len(grads) == len(reference[1]) and all(torch.equal(a, b) for a, b in zip(grads, reference[1]))
+
+
+def _autocast_math(SDPBackend, sdpa_kernel):
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+def test_r3mem_runs_the_bos_and_empty_memory_passes_once_per_training_sample(tiny_lm):
+    """Within one ``training_losses`` call the BOS pass of each adapter and the empty memory run once and every
+    use shares their graph: losses equal, gradients within float rounding of recomputing them at every use; a
+    call outside a training sample recomputes them from the current weights."""
+    from r3mem_bench.methods import get_method_class
+
+    opts = {"for_training": True, "segment_len": 12, "train_segments": 3, **METHOD_ARGS, "train_memory_sizes": [4],
+            "train_memory_probs": [1.0], "level_probs": [1.0, 0.0, 0.0], "w_cycle": 0.5}
+    ids = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    segments = [torch.tensor([ids[o + k * 12: o + (k + 1) * 12] for o in (0, 40)]) for k in range(3)]
+    torch.manual_seed(0)
+    m = get_method_class("r3mem")(tiny_lm, opts)
+    m.train(True)
+    with torch.no_grad():
+        for n, p in m.net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    params = list(m.trainable_parameters().values())
+    calls = []
+    forward = m._forward
+    m._forward = lambda past, embeds, start: calls.append((past is None, embeds.shape[1])) or forward(past, embeds, start)
+
+    def run():
+        for p in params:
+            p.grad = None
+        calls.clear()
+        torch.manual_seed(3)
+        losses = m.training_losses(segments)
+        losses["loss"].backward()
+        return {k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in params if p.grad is not None]
+
+    shared, shared_grads = run()
+    bos_passes = sum(1 for fresh, t in calls if fresh and t == 1)
+    empty_passes = sum(1 for fresh, t in calls if not fresh and t == 4)
+    assert (bos_passes, empty_passes) == (2, 1)  # compress and expand adapters; one empty memory
+    m._caching = lambda: False  # recompute at every use, as without the cache
+    again, again_grads = run()
+    assert sum(1 for fresh, t in calls if fresh and t == 1) > 2
+    assert again == shared
+    for a, b in zip(shared_grads, again_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    del m._caching
+    with torch.no_grad():
+        m.slots.add_(1.0)
+    calls.clear()
+    m.empty_memory(4)
+    m.empty_memory(4)
+    assert calls == [(True, 1), (False, 4)] * 2  # training, outside a sample: recomputed at every use

@@ -74,6 +74,7 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         if ckpt_meta is not None:
             self.load_checkpoint(ckpt_dir)
         self._cache: dict[str, torch.Tensor] = {}
+        self._in_step = False
         self.reset()
 
     # ---- construction --------------------------------------------------------------------------------------
@@ -159,13 +160,13 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         return out.last_hidden_state, new_kv
 
     def _bos_kv(self, adapter: str, batch: int) -> torch.Tensor:
-        """KV of the BOS token at position 0 under ``adapter``: [L, 2, B, H, 1, D]."""
+        """KV of the BOS token at position 0 under ``adapter``: [L, 2, B, H, 1, D] (reused where ``_caching``)."""
         key = f"bos/{adapter}"
-        if key not in self._cache or self.training:
+        if key not in self._cache or not self._caching():
             self._use(adapter)
             ids = torch.tensor([[self.bos]], device=self.lm.device)
-            _, kv = self._forward(None, self.embed(ids), 0)
-            if self.training:
+            kv = self._forward(None, self.embed(ids), 0)[1]
+            if not self._caching():
                 return kv.expand(-1, -1, batch, -1, -1, -1)
             self._cache[key] = kv
         return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
@@ -174,14 +175,19 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         """The memory before any text: the slots run after BOS alone. -> [L, 2, B, H, M, D]."""
         M = M or self.M
         key = f"empty/{M}"
-        if key in self._cache and not self.training:
-            return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
-        self._use("compress")
-        bos = self._bos_kv("compress", 1)
-        _, mem = self._forward(bos, self.slots[:M].unsqueeze(0), 1)  # slots at positions 1..M already
-        if not self.training:
+        if key not in self._cache or not self._caching():
+            self._use("compress")
+            bos = self._bos_kv("compress", 1)
+            mem = self._forward(bos, self.slots[:M].unsqueeze(0), 1)[1]  # slots at positions 1..M already
+            if not self._caching():
+                return mem.expand(-1, -1, batch, -1, -1, -1)
             self._cache[key] = mem
-        return mem.expand(-1, -1, batch, -1, -1, -1)
+        return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
+
+    def _caching(self) -> bool:
+        """Whether the BOS and empty-memory passes may be reused: always in evaluation; while training only within
+        one ``training_losses`` call (the weights change between calls)."""
+        return not self.training or self._in_step
 
     def compress(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True,
                  lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -70,7 +70,15 @@ class TrainingMixin:
 
         A micro-batch shares one memory size and one hierarchy level: document-level pairs (and the autoencoding
         warm-up) run as one batched pass; paragraph and entity pairs, whose contexts differ in length, run one
-        sample at a time and their losses are averaged."""
+        sample at a time and their losses are averaged. The BOS and empty-memory passes run once per call (the
+        weights change between calls) and every use shares their graph."""
+        self._cache, self._in_step = {}, True
+        try:
+            return self._training_losses(segments)
+        finally:
+            self._cache, self._in_step = {}, False
+
+    def _training_losses(self, segments: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         c = self.cfg
         batched = segments[0].dim() == 2
         warmup = getattr(self, "train_step", 0) < int(c["recon_warmup_steps"])
