@@ -71,6 +71,7 @@ from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
 
 CONFIG_FILE = "rmt_config.json"
+DEFAULT_MEMORY = 16  # memory tokens of the shipped `rmt-<model>` checkpoint and of a fresh RMT
 MEMORY_FILE = "memory.safetensors"
 ADAPTER_DIR = "adapter"
 
@@ -115,7 +116,7 @@ class RMT(MemoryMethod):
         o = self.options
         ckpt = self._checkpoint_dir(o.get("checkpoint"))
         saved = _checkpoint_config(ckpt) if ckpt else {}
-        self.num_mem = int(saved.get("num_mem_tokens", o.get("num_mem_tokens", 16)))
+        self.num_mem = int(saved.get("num_mem_tokens", o.get("num_mem_tokens", DEFAULT_MEMORY)))
         self.segment_len = int(o.get("segment_len", saved.get("segment_len", 128)))
         self.k2 = int(o.get("k2", saved.get("k2", 4)))
         train_segments = int(o.get("train_segments", 4))
@@ -267,14 +268,23 @@ class RMT(MemoryMethod):
         """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model, if any."""
         if not given and (self.options.get("untrained") or self.for_training):
             return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
-        return resolve_checkpoint("rmt", given, CONFIG_FILE, None if given else self.shipped_checkpoint(self.lm.name),
-                                  self.lm.name, " (or --method-arg untrained=true for the untrained control)")
+        size = self.options.get("num_mem_tokens")
+        hint = f" with --method-arg num_mem_tokens={size}" if size is not None else ""
+        return resolve_checkpoint("rmt", given, CONFIG_FILE,
+                                  None if given else RMT.shipped_checkpoint(self.lm.name, self.options),
+                                  self.lm.name, f"{hint} (or --method-arg untrained=true for the untrained control)")
 
     @classmethod
-    def shipped_checkpoint(cls, model: str) -> Path | None:
-        """The shipped RMT checkpoint for ``model`` (shared by ``rmt`` and ``rmt_reset``), if any."""
-        shipped = SHIPPED / f"{cls.name.split('_')[0]}-{model}"
-        return shipped if (shipped / CONFIG_FILE).is_file() else None
+    def shipped_checkpoint(cls, model: str, options: dict | None = None) -> Path | None:
+        """The shipped RMT checkpoint for ``model`` (shared by ``rmt`` and ``rmt_reset``) with the memory size
+        ``options["num_mem_tokens"]`` asks for, if any: ``rmt-<model>`` holds the default size (16), another size
+        M lives in ``rmt-m<M>-<model>``; a directory whose recorded size differs does not count."""
+        size = (options or {}).get("num_mem_tokens")
+        size = None if size is None else int(size)
+        shipped = SHIPPED / (f"rmt-{model}" if size in (None, DEFAULT_MEMORY) else f"rmt-m{size}-{model}")
+        if not (shipped / CONFIG_FILE).is_file():
+            return None
+        return shipped if size is None or _checkpoint_config(shipped).get("num_mem_tokens") == size else None
 
     def save_checkpoint(self, directory, meta: dict | None = None) -> None:
         """Write the LoRA adapter, the memory embedding, the RMT settings and ``meta`` to ``directory``."""

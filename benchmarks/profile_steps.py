@@ -62,7 +62,7 @@ def cases(model: str, threads: int):
     from r3mem_bench.methods import get_method_class
     from r3mem_bench.methods.reference import _batched_nll
     from r3mem_bench.models import load_model
-    from r3mem_bench.train import TrainingData
+    from r3mem_bench.train import TrainingData, bf16_training
 
     lm = load_model(model, threads=threads)
     data = TrainingData("wiki_train*2+pydoc_train+shakespeare", lm.tokenizer, 128, 4)
@@ -74,9 +74,10 @@ def cases(model: str, threads: int):
                                              "segment_len": 128, "train_segments": 4})
     rmt_train.train(True)
     r3_train = get_method_class("r3mem")(lm, {"for_training": True, "lora_r": 16, "lora_alpha": 32,
-                                              "train_segments": 3})
+                                              "train_segments": 3, "level_probs": [1.0, 0.0, 0.0],
+                                              "train_memory_sizes": [16], "train_memory_probs": [1.0]})
     r3_train.train(True)
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    rmt_bf16, r3_bf16 = bf16_training(rmt_train), bf16_training(r3_train)  # as `train --precision bf16` runs
 
     def score_no_memory():
         _batched_nll(lm, rows, 4)
@@ -93,22 +94,22 @@ def cases(model: str, threads: int):
 
     def train_rmt():
         batch = data.batch(0, 1, 0, 4)
-        with bf16:
+        with rmt_bf16():
             loss = rmt_train.training_losses(batch)["loss"]
         loss.backward()
 
     def train_r3mem():
         torch.manual_seed(0)
         r3_train.train_step = 10**6  # past any warm-up: every loss
-        with bf16:
-            loss = r3_train.training_losses(data.sample(0, 2, 0)[:3])["loss"]
+        with r3_bf16():
+            loss = r3_train.training_losses(data.batch(0, 2, 0, 4)[:3])["loss"]
         loss.backward()
 
     return [("score no_memory (4 x 129 tokens, batch 4)", score_no_memory),
             ("score r3mem (4 segments of 128)", score_r3mem),
             ("score rmt (4 segments of 128)", score_rmt),
             ("train rmt step (bf16, 4 samples x 4 segments)", train_rmt),
-            ("train r3mem step (bf16, 1 sample x 3 segments, every loss)", train_r3mem)]
+            ("train r3mem step (bf16, 4 samples x 3 segments, document level, M = 16, every loss)", train_r3mem)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,14 +157,29 @@ def training_throughput(model: str, threads: int, steps: int, rows=None) -> list
     return out
 
 
-def speedups(rows: list[dict], baseline: list[dict]) -> None:
-    """Each row's tokens/s over the one-sample-per-pass fp32 row of its label, of this code and of the baseline's."""
-    for row in rows:
-        base = next(r for r in rows if r["label"] == row["label"] and r["precision"] == "fp32" and r["micro_batch"] == 1)
-        row["speedup_vs_fp32_mb1"] = row["text_tokens_per_s"] / base["text_tokens_per_s"]
-        old = next((r for r in baseline if r["label"] == row["label"]), None)
-        if old:
-            row["speedup_vs_baseline_commit"] = row["text_tokens_per_s"] / old["text_tokens_per_s"]
+def combine(repeats: list[list[dict]], baselines: list[list[dict]]) -> list[dict]:
+    """One row per configuration over interleaved repeats: the median tokens/s, and each speed-up as the median of
+    its ratios within a repeat (against the fp32 one-sample-per-pass row of the same code, and against the
+    baseline commit's row timed just before), so a drift of the machine's speed between repeats cancels."""
+    import statistics
+
+    out = []
+    for i, row in enumerate(repeats[0]):
+        runs = [rep[i] for rep in repeats]
+        ratio, old = [], []
+        for r, rep in enumerate(repeats):
+            base = next(x for x in rep if x["label"] == row["label"] and x["precision"] == "fp32" and x["micro_batch"] == 1)
+            ratio.append(rep[i]["text_tokens_per_s"] / base["text_tokens_per_s"])
+            before = next((x for x in (baselines[r] if r < len(baselines) else []) if x["label"] == row["label"]), None)
+            if before:
+                old.append(rep[i]["text_tokens_per_s"] / before["text_tokens_per_s"])
+        out.append({**row, "seconds": [x["seconds"] for x in runs], "losses": [x["losses"] for x in runs],
+                    "text_tokens_per_s": statistics.median(x["text_tokens_per_s"] for x in runs),
+                    "text_tokens_per_s_each": [x["text_tokens_per_s"] for x in runs],
+                    "speedup_vs_fp32_mb1": statistics.median(ratio),
+                    **({"speedup_vs_baseline_commit": statistics.median(old),
+                        "speedup_vs_baseline_commit_each": old} if old else {})})
+    return out
 
 
 def baseline_training(commit: str, model: str, threads: int, steps: int) -> list[dict]:
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval contender")
     ap.add_argument("--baseline-commit", default=None,
                     help="also time the one-sample-per-pass fp32 training rows on this commit's code (the 'before')")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the training rows (medians)")
     ap.add_argument("--training-only", action="store_true",
                     help="only the training rows, written to throughput_training.json")
     ap.add_argument("--out", default=None)
@@ -279,10 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict = {"model": args.model, "threads": args.threads}
     if not args.training_only:
         payload.update(scoring_and_generation(lm, args))
-    baseline = (baseline_training(args.baseline_commit, args.model, args.threads, args.train_steps)
-                if args.baseline_commit and args.train_steps else [])
-    training = training_throughput(args.model, args.threads, args.train_steps) if args.train_steps else []
-    speedups(training, baseline)
+    baselines, repeats = [], []
+    for _ in range(args.repeats if args.train_steps else 0):  # baseline and current code alternate
+        if args.baseline_commit:
+            baselines.append(baseline_training(args.baseline_commit, args.model, args.threads, args.train_steps))
+        repeats.append(training_throughput(args.model, args.threads, args.train_steps))
+    training = combine(repeats, baselines) if repeats else []
+    baseline = combine(baselines, []) if baselines else []
+    for row in baseline:
+        row.pop("speedup_vs_fp32_mb1", None)
     # forward + backward ~ 3 forward passes of GEMMs; rows x context of a 4-sample micro-batch of 128 + 2 x 16
     limits = {dt: gemm_ceiling(lm, 4 * 161, 80, dtype=dt)["tokens_per_s_limit"] / 3 for dt in ("fp32", "bf16")}
     for row in baseline + training:
@@ -294,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                              "Training: text tokens (segments x 128 x samples) per second of optimizer steps; the "
                              "first step is not timed; its ceiling counts forward + backward as 3 forward passes of "
                              "GEMMs at the rate measured in the row's precision. training_baseline: the fp32 "
-                             "one-sample-per-pass rows on the code of --baseline-commit, same machine and run."})
+                             "one-sample-per-pass rows on the code of --baseline-commit, same machine and run, "
+                             "timed just before each repeat of the current code; tokens/s are medians over "
+                             "repeats, speed-ups medians of the ratios within a repeat.",
+                    "baseline_commit": args.baseline_commit, "repeats": args.repeats})
     if args.training_only:
         path = write_result("throughput_training", payload, args.out)
         print(f"wrote {path}")

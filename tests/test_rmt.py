@@ -141,3 +141,22 @@ def test_training_starts_from_scratch_even_when_a_shipped_checkpoint_exists(tiny
     assert fresh.checkpoint_id == "" and fresh.lora["r"] == 16 and "for_training" not in fresh.config()
     at_run_time = get_method_class("rmt")(tiny_lm, {"train_segments": 2})  # a run option, not a training flag
     assert at_run_time.checkpoint_id == shipped.checkpoint_id  # path-free: the same in any checkout
+
+
+def test_each_memory_size_loads_its_own_shipped_checkpoint_or_is_refused(tiny_lm, tmp_path, monkeypatch):
+    """``rmt-<model>`` holds the default 16 memory tokens, ``rmt-m<M>-<model>`` size M: `rmt:num_mem_tokens=M`
+    (and --method-arg num_mem_tokens=M) load that one, suite keys hash its weights, a size without one is refused."""
+    import r3mem_bench.baselines.rmt as rmt_module
+
+    make(tiny_lm, lora_r=4, num_mem_tokens=16).save_checkpoint(tmp_path / "rmt-tiny-random")
+    make(tiny_lm, lora_r=4, num_mem_tokens=2).save_checkpoint(tmp_path / "rmt-m2-tiny-random")
+    make(tiny_lm, lora_r=4, num_mem_tokens=3).save_checkpoint(tmp_path / "rmt-m8-tiny-random")  # mislabelled
+    monkeypatch.setattr(rmt_module, "SHIPPED", tmp_path)
+    assert get_method_class("rmt")(tiny_lm, {}).num_mem == 16
+    small = get_method_class("rmt:num_mem_tokens=2")
+    assert small(tiny_lm, {}).num_mem == 2 and get_method_class("rmt")(tiny_lm, {"num_mem_tokens": 2}).num_mem == 2
+    assert small.shipped_checkpoint("tiny-random") == tmp_path / "rmt-m2-tiny-random"
+    assert small.shipped_weights_id("tiny-random") != get_method_class("rmt").shipped_weights_id("tiny-random")
+    assert get_method_class("rmt_reset:num_mem_tokens=2")(tiny_lm, {}).num_mem == 2
+    with pytest.raises(UserError, match="num_mem_tokens=8"):
+        get_method_class("rmt:num_mem_tokens=8")(tiny_lm, {})

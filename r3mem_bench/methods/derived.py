@@ -16,6 +16,7 @@ Derived classes are cached, so a name always maps to the same class.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Callable
 
@@ -54,17 +55,24 @@ def _parse(name: str, pairs: list[str]) -> dict:
     return out
 
 
-def _subclass(base: type[MemoryMethod], name: str, body: dict) -> type[MemoryMethod]:
-    """A subclass of ``base`` called ``name`` that loads ``base``'s shipped checkpoint."""
+def _subclass(base: type[MemoryMethod], name: str, body: dict, fixed: dict | None = None) -> type[MemoryMethod]:
+    """A subclass of ``base`` called ``name`` that loads ``base``'s shipped checkpoint (the one for the ``fixed``
+    options where ``base.shipped_checkpoint`` takes ``options``, e.g. RMT's memory size)."""
     shipped = base.shipped_checkpoint
+    if fixed and "options" in inspect.signature(shipped).parameters:
+        def lookup(cls, model):
+            return shipped(model, options=fixed)
+    else:
+        def lookup(cls, model):
+            return shipped(model)
     body = {"name": name, "__module__": base.__module__, "__doc__": base.__doc__,
-            "shipped_checkpoint": classmethod(lambda cls, model: shipped(model)), **body}
+            "shipped_checkpoint": classmethod(lookup), **body}
     return type(re.sub(r"\W", "_", name), (base,), body)
 
 
 def _with_options(base: type[MemoryMethod], name: str, fixed: dict) -> type[MemoryMethod]:
-    return _subclass(base, name, {"preset_options": {**base.preset_options, **fixed},
-                                  "description": f"{base.name} with {fixed}"})
+    preset = {**base.preset_options, **fixed}
+    return _subclass(base, name, {"preset_options": preset, "description": f"{base.name} with {fixed}"}, preset)
 
 
 def _window(target: type[MemoryMethod], name: str, factor: int) -> type[MemoryMethod]:
