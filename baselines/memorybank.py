@@ -62,7 +62,9 @@ are sorted by date like the official ``search_memory`` and put in the prompt wit
 summary and the user portrait. ``retrieved_ids`` are the item ids (day summaries appear as ``summary:<day>``).
 
 Deviations from the official code: memories are whole items (the official splits turns into sentences with a
-Chinese text splitter and re-merges neighbours up to 200 characters); ``t`` is a fractional number of time units
+Chinese text splitter and re-merges neighbours up to 200 characters); a hit is not widened (the official
+``similarity_search_with_score_by_vector`` adds the hit's neighbours of the same date up to ``CHUNK_SIZE`` = 200
+characters), and ``top_k`` defaults to vector RAG's 5, not the official 6; ``t`` is a fractional number of time units
 rather than a whole calendar-date difference; the base model (SmolLM2) writes the summaries instead of
 gpt-3.5-turbo (temperature 0.7, 400 tokens), greedily and shorter; the answer uses the benchmark's shared prompt
 and generator so all methods are compared alike, with MemoryBank's [memory] block as the context.
