@@ -218,24 +218,31 @@ def test_micro_batch_and_precision_refusals(tmp_path, corpus):
         train(config(tmp_path / "m", corpus, micro_batch=0), quiet=True)
 
 
+def _training_method(tiny_lm, name: str, opts: dict):
+    """Method ``name`` built for training from seed 0, its LoRA B matrices drawn nonzero (so every adapter matrix
+    gets a gradient)."""
+    from r3mem_bench.methods import get_method_class
+
+    torch.manual_seed(0)
+    m = get_method_class(name)(tiny_lm, opts)
+    m.train(True)
+    with torch.no_grad():
+        for n, p in m.trainable_parameters().items():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m
+
+
 @pytest.mark.parametrize("level_probs", [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 def test_r3mem_micro_batch_losses_are_the_mean_of_its_samples(tiny_lm, level_probs):
     """After the warm-up a micro-batch shares one memory size and level: its losses (and gradients) equal the
     mean of the same samples' losses run one at a time (document level batched, entity level looped)."""
-    from r3mem_bench.methods import get_method_class
-
     opts = {"for_training": True, "segment_len": 12, "train_segments": 2, "max_memory_tokens": 4,
             "memory_tokens": 4, "train_memory_sizes": [4], "train_memory_probs": [1.0], "w_cycle": 0.5,
             "level_probs": level_probs}
     ids = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     samples = [[torch.tensor(ids[o: o + 12]), torch.tensor(ids[o + 12: o + 24])] for o in (0, 40, 97)]
-    torch.manual_seed(0)
-    m = get_method_class("r3mem")(tiny_lm, opts)
-    m.train(True)
-    with torch.no_grad():
-        for n, p in m.net.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    m = _training_method(tiny_lm, "r3mem", opts)
     params = list(m.trainable_parameters().values())
     m._pair = lambda segments, level: ([segments[0]], segments[1][:5])  # a fixed pair: no random pick to match
 
@@ -286,7 +293,6 @@ def test_bf16_training_stores_frozen_matrices_once_with_autocasts_products(tiny_
     tensors untouched) and gives the losses and gradients autocast gives from the float32 weights."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from r3mem_bench.methods import get_method_class
     from r3mem_bench.train import bf16_training
 
     opts = ({"for_training": True, "segment_len": 12, "train_segments": 2, **METHOD_ARGS, "train_memory_sizes": [4],
@@ -305,18 +311,9 @@ def test_bf16_training_stores_frozen_matrices_once_with_autocasts_products(tiny_
         loss.backward()
         return float(loss.detach()), [p.grad.clone() for p in params if p.grad is not None]
 
-    def build():
-        torch.manual_seed(0)
-        m = get_method_class(method)(tiny_lm, dict(opts))
-        m.train(True)
-        with torch.no_grad():
-            for n, p in m.trainable_parameters().items():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-        return m
-
-    reference = losses_and_grads(build(), lambda: _autocast_math(SDPBackend, sdpa_kernel))
-    m = build()
+    reference = losses_and_grads(_training_method(tiny_lm, method, dict(opts)),
+                                 lambda: _autocast_math(SDPBackend, sdpa_kernel))
+    m = _training_method(tiny_lm, method, dict(opts))
     context = bf16_training(m)
     nets = [v for v in vars(m).values() if isinstance(v, torch.nn.Module)]
     linears = [mod for net in nets for mod in net.modules() if isinstance(mod, torch.nn.Linear)]
@@ -340,19 +337,11 @@ def test_r3mem_runs_the_bos_and_empty_memory_passes_once_per_training_sample(tin
     """Within one ``training_losses`` call the BOS pass of each adapter and the empty memory run once and every
     use shares their graph: losses equal, gradients within float rounding of recomputing them at every use; a
     call outside a training sample recomputes them from the current weights."""
-    from r3mem_bench.methods import get_method_class
-
     opts = {"for_training": True, "segment_len": 12, "train_segments": 3, **METHOD_ARGS, "train_memory_sizes": [4],
             "train_memory_probs": [1.0], "level_probs": [1.0, 0.0, 0.0], "w_cycle": 0.5}
     ids = tiny_lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     segments = [torch.tensor([ids[o + k * 12: o + (k + 1) * 12] for o in (0, 40)]) for k in range(3)]
-    torch.manual_seed(0)
-    m = get_method_class("r3mem")(tiny_lm, opts)
-    m.train(True)
-    with torch.no_grad():
-        for n, p in m.net.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    m = _training_method(tiny_lm, "r3mem", opts)
     params = list(m.trainable_parameters().values())
     calls = []
     forward = m._forward
