@@ -319,11 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                              "timed just before each repeat of the current code; tokens/s are medians over "
                              "repeats, speed-ups medians of the ratios within a repeat.",
                     "baseline_commit": args.baseline_commit, "repeats": args.repeats})
+    path = write_result("throughput_training" if args.training_only else "throughput", payload, args.out)
+    print(f"wrote {path}")
     if args.training_only:
-        path = write_result("throughput_training", payload, args.out)
-        print(f"wrote {path}")
         return 0
-    path = write_result("throughput", payload, args.out)
     lm_rows, qa_rows = payload["lm"], payload["qa"]
     plot(path.with_suffix(".png"), f"Throughput ({args.model}, {args.threads} threads)", "batch size",
          "tokens/s (LM) | questions/s x100 (QA)",
@@ -332,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
           **({"LM lm-eval": (list(BATCHES), [r["lm_eval_tokens_per_s"] for r in lm_rows])}
              if not args.no_lm_eval else {}),
           "QA HFGenerator x100": (list(BATCHES), [100 * r["questions_per_s"] for r in qa_rows])}, logx=True)
-    print(f"wrote {path}")
     return 0
 
 

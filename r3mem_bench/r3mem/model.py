@@ -160,33 +160,37 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         return out.last_hidden_state, new_kv
 
     def _bos_kv(self, adapter: str, batch: int) -> torch.Tensor:
-        """KV of the BOS token at position 0 under ``adapter``: [L, 2, B, H, 1, D] (reused where ``_caching``)."""
-        key = f"bos/{adapter}"
-        if key not in self._cache or not self._caching():
+        """KV of the BOS token at position 0 under ``adapter``: [L, 2, B, H, 1, D] (see ``_reused``)."""
+        def run() -> torch.Tensor:
             self._use(adapter)
             ids = torch.tensor([[self.bos]], device=self.lm.device)
-            kv = self._forward(None, self.embed(ids), 0)[1]
-            if not self._caching():
-                return kv.expand(-1, -1, batch, -1, -1, -1)
-            self._cache[key] = kv
-        return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
+            return self._forward(None, self.embed(ids), 0)[1]
+
+        return self._reused(f"bos/{adapter}", run).expand(-1, -1, batch, -1, -1, -1)
 
     def empty_memory(self, M: int | None = None, batch: int = 1) -> torch.Tensor:
         """The memory before any text: the slots run after BOS alone. -> [L, 2, B, H, M, D]."""
         M = M or self.M
-        key = f"empty/{M}"
-        if key not in self._cache or not self._caching():
+
+        def run() -> torch.Tensor:
             self._use("compress")
             bos = self._bos_kv("compress", 1)
-            mem = self._forward(bos, self.slots[:M].unsqueeze(0), 1)[1]  # slots at positions 1..M already
-            if not self._caching():
-                return mem.expand(-1, -1, batch, -1, -1, -1)
-            self._cache[key] = mem
-        return self._cache[key].expand(-1, -1, batch, -1, -1, -1)
+            return self._forward(bos, self.slots[:M].unsqueeze(0), 1)[1]  # slots at positions 1..M already
+
+        return self._reused(f"empty/{M}", run).expand(-1, -1, batch, -1, -1, -1)
+
+    def _reused(self, key: str, compute) -> torch.Tensor:
+        """``compute()``'s result, kept in ``_cache`` under ``key`` where it may be reused (the BOS and empty-memory
+        passes): always in evaluation; while training only within one ``training_losses`` call (the weights change
+        between calls), else computed at every use."""
+        if not self._caching():
+            return compute()
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
     def _caching(self) -> bool:
-        """Whether the BOS and empty-memory passes may be reused: always in evaluation; while training only within
-        one ``training_losses`` call (the weights change between calls)."""
+        """Whether ``_reused`` may keep results (see there)."""
         return not self.training or self._in_step
 
     def compress(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True,
