@@ -577,3 +577,47 @@ def test_ingest_is_cached_per_checkpoint_options_and_items(tiny_lm, tmp_path):
     for f in (tmp_path / "cache").rglob("*.safetensors"):  # a damaged entry is recomputed, never trusted
         f.write_bytes(f.read_bytes()[:-7] + b"garbage")
     assert ingest(opts, items, cache)[1] > 0
+
+
+@pytest.mark.parametrize("cycle", ["argmax", "soft"])
+def test_soft_cycle_trains_both_adapters_and_argmax_only_the_writer(tiny_lm, cycle):
+    """The cycle loss alone: its gradient reaches the expand adapter only through the soft reconstruction."""
+    m = trainee(tiny_lm, level_probs=[1.0, 0.0, 0.0], w_recon=0.0, w_cycle=1.0, train_cycle=cycle)
+    m.train_step = 0
+    torch.manual_seed(0)
+    losses = m.training_losses(segs(2))
+    assert float(losses["cycle"]) > 0
+    losses["cycle"].backward()
+
+    def grad_sum(adapter: str) -> float:
+        return sum(float(p.grad.abs().sum()) for n, p in m.trainable_parameters().items()
+                   if f".{adapter}." in n and p.grad is not None)
+
+    assert grad_sum("compress") > 0
+    assert (grad_sum("expand") > 0) == (cycle == "soft")
+
+
+def test_reconstruction_of_every_segment_from_the_memory_that_absorbed_it(tiny_lm):
+    m = trainee(tiny_lm, level_probs=[1.0, 0.0, 0.0], w_cycle=0.0, train_recon_segments="all")
+    m.train_step = 0
+    segments = segs(3)
+    torch.manual_seed(0)
+    losses = m.training_losses(segments)
+    M = int(losses["M"])
+    memory, nlls = m.empty_memory(M), []
+    for seg in segments:  # one segment at a time, as a reader would check it
+        _, memory = m.compress(seg.unsqueeze(0), memory)
+        full = torch.cat([seg, torch.tensor([m.eos])]).unsqueeze(0)
+        nlls.append(token_nll(m.expand_logits(memory, full), full).mean())
+    assert float(losses["recon"]) == pytest.approx(float(torch.stack(nlls).mean()), rel=1e-5)
+    last_only = trainee(tiny_lm, level_probs=[1.0, 0.0, 0.0], w_cycle=0.0)
+    last_only.train_step = 0
+    torch.manual_seed(0)
+    assert float(last_only.training_losses(segments)["recon"]) == pytest.approx(float(nlls[-1]), rel=1e-5)
+
+
+def test_training_choices_are_validated(tiny_lm):
+    with pytest.raises(UserError, match="train_cycle"):
+        make(tiny_lm, train_cycle="gumbel")
+    with pytest.raises(UserError, match="train_recon_segments"):
+        make(tiny_lm, train_recon_segments="first")

@@ -62,7 +62,10 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   ``kl`` = KL(base || adapted) on the first segment, read with the empty memory (keeps the adapter's own drift
   small: the probe lost ~8 PPL to drift on other text); ``recon`` = reconstruction NLL of the last segment
   from the memory (g(f(x)) ~ x); ``cycle`` = 1 - cosine between the memory of the (argmax, stop-gradient)
-  reconstruction and the memory itself (f(g(m)) ~ m).
+  reconstruction and the memory itself (f(g(m)) ~ m). Training options for the backward path:
+  ``train_recon_segments=all`` reconstructs every segment from the memory that has just absorbed it (default
+  ``last``: the last segment only); ``train_cycle=soft`` re-compresses the expected embeddings of the
+  teacher-forced reconstruction, so the cycle also trains the expand adapter (default ``argmax``).
 * Hierarchy, as context-query pairs sampled per training sample (``level_probs``): document (the recurrent
   memory over consecutive segments -> next segment), paragraph (one paragraph's memory -> its key sentence,
   taken as its first sentence) and entity (the sentences mentioning an entity, found by the pluggable offline

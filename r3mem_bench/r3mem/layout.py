@@ -44,7 +44,9 @@ RUN_DEFAULTS = {
     "w_recon": 1.0, "w_cycle": 0.2, "lr_compress_scale": 0.3, "top_k": 3, "max_entities": 32,
     "entity_extractor": "capitalised", "max_item_tokens": 512, "recon_max_tokens": 160, "save_dtype": "float16",
     "recon_warmup_steps": 0, "recon_no_repeat_ngram": 0, "qa_reader": "reconstruct",
+    "train_cycle": "argmax", "train_recon_segments": "last",
 }
+TRAIN_CHOICES = {"train_cycle": ("argmax", "soft"), "train_recon_segments": ("last", "all")}
 QA_READERS = ("reconstruct", "memory")
 LEVELS = ("document", "paragraph", "entity")
 

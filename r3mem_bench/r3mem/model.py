@@ -15,7 +15,7 @@ from r3mem_bench.method import MemoryMethod, tensor_bytes
 from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import (ARCH_DEFAULTS, CHECKPOINT_FORMAT, META, ONE_VALUE_ARCH, QA_READERS, RUN_DEFAULTS,
-                                      SLOT_POSITIONS, WEIGHTS, arch_problem, repeated_ngram_ends, rotate_keys, slot_order,
+                                      SLOT_POSITIONS, TRAIN_CHOICES, WEIGHTS, arch_problem, repeated_ngram_ends, rotate_keys, slot_order,
                                       trained_arch)
 from r3mem_bench.r3mem.qa import QAMixin
 from r3mem_bench.r3mem.training import TrainingMixin
@@ -67,6 +67,9 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         if self.cfg["qa_reader"] not in QA_READERS:
             raise UserError(f"r3mem: qa_reader={self.cfg['qa_reader']!r}; fix: use qa_reader=reconstruct (reconstructions "
                             "in the prompt) or qa_reader=memory (the answer reads the memories' key/values)")
+        for key, choices in TRAIN_CHOICES.items():
+            if self.cfg[key] not in choices:
+                raise UserError(f"r3mem: {key}={self.cfg[key]!r}; fix: use one of {', '.join(choices)}")
         if not 1 <= self.M <= int(self.cfg["max_memory_tokens"]):
             raise UserError(f"r3mem: memory_tokens={self.M} but the checkpoint has {self.cfg['max_memory_tokens']} "
                             "slots; fix: use memory_tokens between 1 and that, or train with a larger max_memory_tokens")
@@ -193,24 +196,26 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         """Whether ``_reused`` may keep results (see there)."""
         return not self.training or self._in_step
 
-    def compress(self, tokens: torch.Tensor, memory: torch.Tensor, write: bool = True,
-                 lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def compress(self, tokens: torch.Tensor | None, memory: torch.Tensor, write: bool = True,
+                 lengths: list[int] | None = None, embeds: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read ``tokens`` [B, T] after ``memory`` [L,2,B,H,M,D] and (``write``) fold them into a new memory.
 
         Returns hidden states [B, T, d] that predict tokens[:, 0..T-1] (from the read marker and tokens[:, :-1])
         and the new memory [L, 2, B, H, M, D] (None when not writing). ``lengths`` [B]: row b's text is
         ``tokens[b, :lengths[b]]`` (right padding; its slots follow its own text, and the padding comes after every
         real token and slot of the row, so causal attention never lets it in; its hidden states are zeros).
+        ``embeds`` [B, T, d] replaces the tokens' embeddings (the soft cycle compresses expected embeddings).
         """
         self._use("compress")
-        B, T = tokens.shape
+        text = self.embed(tokens) if embeds is None else embeds  # [B, T, d]
+        B, T = text.shape[:2]
         M = memory.shape[-2]
         past = torch.cat([self._bos_kv("compress", B), memory], dim=-2)  # [L,2,B,H,1+M,D]
-        read = self.embed(torch.full((B, 1), self.bos, device=tokens.device))  # [B, 1, d]
+        read = self.embed(torch.full((B, 1), self.bos, device=text.device))  # [B, 1, d]
         if not write:
-            hidden, _ = self._forward(past, torch.cat([read, self.embed(tokens)], dim=1), M + 1)
+            hidden, _ = self._forward(past, torch.cat([read, text], dim=1), M + 1)
             return hidden[:, :T], None
-        text = self.embed(tokens)  # [B, T, d]
         lengths = [T] * B if lengths is None else [int(n) for n in lengths]
         body = text.new_zeros(B, T + M, text.shape[-1])  # per row: text and slots in pass order, then padding
         slot_at = torch.empty(B, M, dtype=torch.long)  # sequence index of each row's slots

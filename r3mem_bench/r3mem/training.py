@@ -24,7 +24,14 @@ class TrainingMixin:
         return token_nll(logits, tokens).mean(), logits, new
 
     def _recon_and_cycle(self, memory: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstruction NLL of ``target`` [B, T] (+EOS) from ``memory`` and the cycle loss via ``prev`` memory."""
+        """Reconstruction NLL of ``target`` [B, T] (+EOS) from ``memory`` and the cycle loss via ``prev`` memory.
+
+        The cycle re-compresses the reconstruction after ``prev`` and matches the memory it gives to ``memory``
+        (1 - cosine per key/value vector; ``memory`` is the fixed target). ``train_cycle=argmax``: the
+        reconstruction is the argmax of the teacher-forced logits, gradient stopped, so only the writer learns
+        from it. ``train_cycle=soft``: the reconstruction is the expected embedding under the teacher-forced
+        distribution (softmax(logits) @ E), so the cycle's gradient reaches both adapters. Both decode with
+        teacher forcing: a free-running decode would cost T sequential passes per sample."""
         out = {}
         eos = torch.full((target.shape[0], 1), self.eos, device=target.device)
         full = torch.cat([target, eos], dim=1)
@@ -36,8 +43,12 @@ class TrainingMixin:
         if self.cfg["w_cycle"] > 0:
             if "recon" not in out:
                 logits = self.expand_logits(memory, full)
-            guess = logits[:, :-1].argmax(-1).detach()  # the reconstruction, stop-gradient: [1, T]
-            _, again = self.compress(guess, prev.detach())
+            if self.cfg["train_cycle"] == "soft":
+                soft = logits[:, :-1].float().softmax(-1) @ self.embed.weight  # [B, T, d]
+                _, again = self.compress(None, prev.detach(), embeds=soft.to(self.embed.weight.dtype))
+            else:
+                guess = logits[:, :-1].argmax(-1).detach()  # the reconstruction, stop-gradient: [B, T]
+                _, again = self.compress(guess, prev.detach())
             out["cycle"] = (1 - F.cosine_similarity(again, memory.detach(), dim=-1)).mean()
         return out
 
@@ -119,10 +130,13 @@ class TrainingMixin:
 
     def _document_losses(self, docs: list[torch.Tensor], M: int) -> dict[str, torch.Tensor]:
         """Document level: LM of segments 2.. through the recurrent memory, KL to the base model on the first,
-        reconstruction and cycle of the last; ``docs`` [B, S] segments of B documents."""
+        reconstruction and cycle of the last segment from the last memory (``train_recon_segments=last``) or of
+        every segment from the memory that has just absorbed it (``all``, one batched pass); ``docs`` [B, S]
+        segments of B documents."""
         c, dev = self.cfg, self.lm.device
         out: dict[str, torch.Tensor] = {}
         memory, lm_terms = self.empty_memory(M, batch=docs[0].shape[0]), []
+        written: list[tuple[torch.Tensor, torch.Tensor]] = []  # (memory before, memory after) each segment
         for t, tokens in enumerate(docs):
             nll, logits, new = self._lm_nll(memory, tokens, write=True)
             if t == 0 and c["w_kl"] > 0:
@@ -134,10 +148,15 @@ class TrainingMixin:
                 self._adapter = None  # disable_adapter changed peft's state; re-select on next use
             elif t > 0:
                 lm_terms.append(nll)
+            written.append((memory, new))
             prev, memory = memory, new
         if lm_terms:
             out["lm"] = torch.stack(lm_terms).mean()
-        out.update(self._recon_and_cycle(memory, docs[-1], prev))
+        if c["train_recon_segments"] == "all":  # segments stacked on the batch axis: [K*B, S]
+            out.update(self._recon_and_cycle(torch.cat([after for _, after in written], dim=2), torch.cat(docs),
+                                             torch.cat([before for before, _ in written], dim=2)))
+        else:
+            out.update(self._recon_and_cycle(memory, docs[-1], prev))
         return out
 
     def _pair_losses(self, context: list[torch.Tensor], query: torch.Tensor, M: int) -> dict[str, torch.Tensor]:
