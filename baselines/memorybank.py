@@ -61,10 +61,17 @@ raw memories and the day summaries; the ``top_k`` best (default 5; the official 
 are sorted by date like the official ``search_memory`` and put in the prompt with their dates, after the overall
 summary and the user portrait. ``retrieved_ids`` are the item ids (day summaries appear as ``summary:<day>``).
 
+Official retrieval details as options: ``widen_chars=200`` widens each hit as the official
+``similarity_search_with_score_by_vector`` does (neighbours of the same date in store order join it while the
+text stays within ``CHUNK_SIZE`` = 200 characters; adjacent chosen documents merge into one; every id in a merged
+document counts as retrieved and is recalled), and ``top_k=6`` is the official ``VECTOR_SEARCH_TOP_K``. The
+official walk over neighbours runs ``range(1, max(i, len(docs) - i))`` with ``docs`` the still-empty result list,
+so a hit at store index i looks at most i - 1 places away (none for the first two documents); the widening here
+walks as far as the budget allows, which is what the character budget describes.
+
 Deviations from the official code: memories are whole items (the official splits turns into sentences with a
-Chinese text splitter and re-merges neighbours up to 200 characters); a hit is not widened (the official
-``similarity_search_with_score_by_vector`` adds the hit's neighbours of the same date up to ``CHUNK_SIZE`` = 200
-characters), and ``top_k`` defaults to vector RAG's 5, not the official 6; ``t`` is a fractional number of time units
+Chinese text splitter and re-merges neighbours up to 200 characters); by default a hit is not widened
+(``widen_chars=0``) and ``top_k`` is vector RAG's 5, so the two retrieve the same number of items; ``t`` is a fractional number of time units
 rather than a whole calendar-date difference; the base model (SmolLM2) writes the summaries instead of
 gpt-3.5-turbo (temperature 0.7, 400 tokens), greedily and shorter; the answer uses the benchmark's shared prompt
 and generator so all methods are compared alike, with MemoryBank's [memory] block as the context.
@@ -190,6 +197,10 @@ class MemoryBank(MemoryMethod):
         retention(0.0, 1.0, self.forgetting)  # validates the name
         self.time_unit_days = time_unit(o.get("time_unit_days", 1.0))
         self.top_k = int(o.get("top_k", 5))
+        self.widen_chars = int(o.get("widen_chars", 0))
+        if self.widen_chars < 0:
+            raise UserError(f"memorybank: widen_chars={self.widen_chars}; fix: use 0 (off) or a character budget "
+                            "(the official CHUNK_SIZE is 200)")
         self.summaries = str(o.get("summaries", "on")).lower() not in ("off", "0", "false", "no")
         self.summary_tokens = int(o.get("summary_tokens", 64))
         self.summary_prompt_tokens = int(o.get("summary_prompt_tokens", 1536))
@@ -455,7 +466,7 @@ class MemoryBank(MemoryMethod):
         if now is not None and self.forgetting != "none" and self.bank["last_forget_day"] != int(now // DAY):
             self.forget(float(now))
         hits = self.index.search(embed([question])[0], self.top_k) if question.strip() else []
-        picked = [self.docs[i] for i, _ in hits]
+        picked = self._widen([i for i, _ in hits]) if self.widen_chars else [self.docs[i] for i, _ in hits]
         if self.budget:
             tok, kept, used = self.lm.tokenizer, [], 0
             for d in picked:
@@ -465,7 +476,8 @@ class MemoryBank(MemoryMethod):
                 kept.append(d)
                 used += n
             picked = kept
-        self.recall([d["id"] for d in picked if d["kind"] == "memory"], now)
+        self.recall([i for d in picked for i, kind in zip(d.get("ids", [d["id"]]), d.get("kinds", [d["kind"]]))
+                     if kind == "memory"], now)
         picked = sorted(picked, key=lambda d: (d["day"] or "", d["kind"] != "summary"))  # by date, as official
         parts = []
         if self.bank["overall_history"]:
@@ -477,7 +489,39 @@ class MemoryBank(MemoryMethod):
             dates = list(dict.fromkeys(d["day"] for d in picked if d["day"]))
             if dates:
                 parts.append(f"The date of this [memory] is {', '.join(dates)}.")
-        return "\n".join(parts), [d["id"] for d in picked]
+        return "\n".join(parts), [i for d in picked for i in d.get("ids", [d["id"]])]
+
+    def _widen(self, hits: list[int]) -> list[dict]:
+        """The hits (indices into ``docs``) with neighbours of the same day added, as the official
+        ``similarity_search_with_score_by_vector``: in the official store order (each day's memories, then its
+        summary), the neighbours at distance 1, 2, ... (after, then before) join a hit while its text and theirs
+        stay within ``widen_chars`` characters (a neighbour that would overflow is skipped, the walk goes on, as the
+        official inner ``break``); runs of adjacent chosen documents are merged into one, in store order."""
+        order = sorted(range(len(self.docs)), key=lambda i: (self.docs[i]["day"] or "", self.docs[i]["kind"] == "summary", i))
+        rank = {doc_index: r for r, doc_index in enumerate(order)}
+        chosen: set[int] = set()
+        for hit in hits:
+            r, used = rank[hit], len(self.docs[hit]["text"])
+            chosen.add(r)
+            for k in range(1, len(order)):
+                for n in (r + k, r - k):
+                    if not 0 <= n < len(order):
+                        continue
+                    doc = self.docs[order[n]]
+                    if used + len(doc["text"]) > self.widen_chars:
+                        break
+                    if doc["day"] == self.docs[hit]["day"]:
+                        used += len(doc["text"])
+                        chosen.add(n)
+        runs: list[list[dict]] = []
+        for r in sorted(chosen):
+            if runs and r - 1 in chosen:
+                runs[-1].append(self.docs[order[r]])
+            else:
+                runs.append([self.docs[order[r]]])
+        return [{"id": run[0]["id"], "ids": [d["id"] for d in run], "day": run[0]["day"],
+                 "kind": run[0]["kind"], "kinds": [d["kind"] for d in run],
+                 "line": "\n".join(d["line"] for d in run)} for run in runs]
 
     def replay(self, question: str, now: float | None = None) -> None:
         """Redo an answered question's forgetting pass and recall (no answer): a resumed run catches up with it."""

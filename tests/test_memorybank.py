@@ -119,3 +119,22 @@ def test_save_load_round_trip(tiny_lm, tmp_path):
 def test_bad_forgetting_option(tiny_lm):
     with pytest.raises(UserError):
         make(tiny_lm, forgetting="sometimes")
+
+
+@pytest.mark.parametrize("widen, expected", [(0, ["d1:1"]), (100, ["d1:1"]), (200, ["d1:1", "d1:2"]),
+                                             (5000, ["d1:1", "d1:2"])])
+def test_hits_widen_with_same_day_neighbours_within_the_budget(tiny_lm, widen, expected):
+    """Official widening: the hit's same-date neighbours join while the text fits in ``widen_chars`` characters
+    (hit and neighbour here are 80 and 90 characters with their date prefix); other days never join."""
+    items, _ = dialogue_fixture()
+    m = make(tiny_lm, top_k=1, widen_chars=widen)
+    m.begin("conv")
+    m.reset()
+    m.ingest(items)
+    context, ids = m.retrieve("What is the name of Ana's cat?", now=None)
+    assert ids == expected
+    assert ("lovely name" in context) == ("d1:2" in expected)
+    strength = {x["id"]: x["strength"] for x in m.bank["memories"]}
+    assert [i for i, s in strength.items() if s > 1] == expected  # every retrieved memory is recalled
+    with pytest.raises(UserError, match="widen_chars"):
+        make(tiny_lm, widen_chars=-1)
