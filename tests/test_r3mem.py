@@ -621,3 +621,44 @@ def test_training_choices_are_validated(tiny_lm):
         make(tiny_lm, train_cycle="gumbel")
     with pytest.raises(UserError, match="train_recon_segments"):
         make(tiny_lm, train_recon_segments="first")
+
+
+def test_qa_level_reads_the_answer_as_the_memory_reader_does(tiny_lm):
+    """QA pairs (fourth level_probs entry): the loss is the gold answer's NLL after the passages' memories and the
+    closed-book prompt exactly as ``qa_reader=memory`` reads it, and it trains both adapters and the slots."""
+    from r3mem_bench.generation import HFGenerator, PromptTemplate
+
+    m = trainee(tiny_lm, level_probs=[0.0, 0.0, 0.0, 1.0])
+    pair = {"question": "what is the vault code?", "answer": "4417 exactly",
+            "passages": ["the vault code is 4417 and nobody else knows it.", "bananas are yellow fruits."]}
+    template = PromptTemplate()
+    gen = HFGenerator(tiny_lm, system=template.system)
+    m._qa_data = ([pair], template, gen)
+    m.train_step = 0
+    torch.manual_seed(0)
+    losses = m.training_losses(segs(2))
+    assert losses["level_qa"] == 1 and float(losses["lm"]) == 0 and float(losses["recon"]) == 0
+    assert float(losses["loss"]) == pytest.approx(float(losses["qa"]))
+    M = int(losses["M"])
+    with torch.no_grad():  # the same sequence built by hand, as the memory reader's test does
+        memories = []
+        for j, passage in enumerate(pair["passages"]):
+            ids = torch.tensor([tiny_lm.tokenizer(passage, add_special_tokens=False)["input_ids"][:16]])
+            mem = m.compress(ids, m.empty_memory(M))[1]
+            memories.append(torch.stack([rotate_keys(mem[:, 0], j * M, m.rotary), mem[:, 1]], dim=1))
+        memory = torch.cat(memories, dim=-2)[..., : max(1, 8 // M) * M, :]
+        prompt, cont = gen.encode(template.render(question=pair["question"], context="")), gen.continuation_ids(pair["answer"])
+        seq = torch.tensor([prompt + cont])
+        m._use("expand")
+        past = torch.cat([m._bos_kv("expand", 1), memory], dim=-2)
+        embeds = torch.cat([m.embed(torch.full((1, 1), m.bos)), m.embed(seq[:, :-1])], dim=1)
+        hidden, _ = m._forward(past, embeds, memory.shape[-2] + 1)
+        direct = torch.nn.functional.cross_entropy(m.lm_head(hidden)[0, len(prompt):], torch.tensor(cont))
+    assert float(losses["qa"]) == pytest.approx(float(direct), abs=1e-5)
+    losses["loss"].backward()
+    for adapter in ("compress", "expand"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.trainable_parameters().items()
+                   if f".{adapter}." in n), adapter
+    assert m.slots.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="level_probs"):
+        make(tiny_lm, level_probs=[0.5, 0.5])

@@ -163,6 +163,21 @@ def test_bundled_wiki_train_is_disjoint_from_wikitext2_test():
         assert not paragraph_titles & titles and not ngrams(d["text"]) & banned, d["id"]
 
 
+def test_bundled_qa_pairs_belong_to_kept_documents_and_are_answerable_from_their_passages():
+    from r3mem_bench.data import bundled_jsonl, bundled_text
+    from r3mem_bench.data.build_wiki_train import ngrams
+
+    docs = {d["id"] for d in bundled_jsonl("wiki_train")}
+    pairs = bundled_jsonl("wiki_train_qa")
+    assert len(pairs) > 250 and len({p["id"] for p in pairs}) == len(pairs)
+    banned = ngrams(bundled_text("wikitext2_test"))
+    for p in pairs:
+        assert p["id"].rsplit("/", 1)[0] in docs, p["id"]  # only documents that passed decontamination
+        assert p["answer"].lower() in " ".join(p["passages"]).lower(), p["id"]
+        assert p["answer"].lower() not in ("yes", "no") and "#" not in p["question"], p["id"]
+        assert not any(ngrams(x) & banned for x in p["passages"]), p["id"]
+
+
 def test_schedule_and_refusals(tmp_path, corpus):
     cfg = config(tmp_path / "x", corpus, steps=10, warmup=2)
     assert lr_at(0, cfg) == 0.5 and lr_at(1, cfg) == 1.0 and abs(lr_at(10, cfg) - 0.1) < 1e-9

@@ -9,11 +9,12 @@ BUNDLED = {
     "wikitext2_test": "wikitext2_test.txt.gz",
     "tinyshakespeare": "tinyshakespeare.txt.gz",
     "wiki_train": "wiki_train.jsonl.gz",
+    "wiki_train_qa": "wiki_train_qa.jsonl.gz",
 }
 
 
 def bundled_text(name: str) -> str:
-    """The text of a bundled corpus (``wikitext2_test``, ``tinyshakespeare``, ``wiki_train``)."""
+    """The text of a bundled corpus (``wikitext2_test``, ``tinyshakespeare``, ``wiki_train``, ``wiki_train_qa``)."""
     from r3mem_bench.errors import UserError
 
     if name not in BUNDLED:
@@ -23,7 +24,8 @@ def bundled_text(name: str) -> str:
 
 
 def bundled_jsonl(name: str) -> list[dict]:
-    """The documents ``[{"id", "text"}]`` of a bundled JSON-lines corpus (``wiki_train``)."""
+    """The records of a bundled JSON-lines file: ``wiki_train`` documents ``[{"id", "text"}]``, ``wiki_train_qa``
+    pairs ``[{"id", "question", "answer", "passages"}]``."""
     import json
 
     return [json.loads(line) for line in bundled_text(name).splitlines() if line.strip()]

@@ -78,8 +78,14 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   reconstructed and the reconstructions are the context of the shared prompt. ``qa_reader=memory`` (variant
   ``r3mem_kv``): the answer is read, as gist tokens and ICAE condition generation do, directly after the chosen
   memories' key/values, ``[BOS][memories][read marker][closed-book prompt]``, through the reading adapter (as many
-  memories as fit in ``max_memory_tokens`` slots); no text context. No QA objective is trained: the reader has
-  only learned to continue the compressed text. Stored memories are float16.
+  memories as fit in ``max_memory_tokens`` slots); no text context. The shipped recipe trains no QA objective
+  (the QA level below is an option): its reader has only learned to continue the compressed text. Stored
+  memories are float16.
+* QA pairs as a fourth level (``level_probs`` with a fourth share, off by default): a question of the bundled
+  ``wiki_train_qa`` pairs (the questions behind the ``wiki_train`` documents, with the passages that answer
+  them), each passage compressed into its own memory, and the gold answer's NLL read after
+  ``[BOS][memories][read marker][closed-book prompt]`` exactly as ``qa_reader=memory`` answers (loss ``qa``,
+  weight ``w_qa``), so the reader learns to answer from memories and the writer to keep what answers need.
 * Memory size: the checkpoint holds ``max_memory_tokens`` slots and training samples M from
   ``train_memory_sizes`` per sample (nested slots), so one checkpoint serves ``memory_tokens`` = 8/16/32/64.
 * Variants: ``r3mem_kv`` (QA answered from the memories' key/values, above), ``r3mem_reset`` (same weights,

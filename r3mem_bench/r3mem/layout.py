@@ -44,11 +44,11 @@ RUN_DEFAULTS = {
     "w_recon": 1.0, "w_cycle": 0.2, "lr_compress_scale": 0.3, "top_k": 3, "max_entities": 32,
     "entity_extractor": "capitalised", "max_item_tokens": 512, "recon_max_tokens": 160, "save_dtype": "float16",
     "recon_warmup_steps": 0, "recon_no_repeat_ngram": 0, "qa_reader": "reconstruct",
-    "train_cycle": "argmax", "train_recon_segments": "last",
+    "train_cycle": "argmax", "train_recon_segments": "last", "w_qa": 1.0,
 }
 TRAIN_CHOICES = {"train_cycle": ("argmax", "soft"), "train_recon_segments": ("last", "all")}
 QA_READERS = ("reconstruct", "memory")
-LEVELS = ("document", "paragraph", "entity")
+LEVELS = ("document", "paragraph", "entity", "qa")  # "qa" only with a fourth level_probs entry
 
 
 def rotate_keys(keys: torch.Tensor, shift: int | torch.Tensor, rotary) -> torch.Tensor:

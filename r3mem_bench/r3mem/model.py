@@ -67,6 +67,9 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         if self.cfg["qa_reader"] not in QA_READERS:
             raise UserError(f"r3mem: qa_reader={self.cfg['qa_reader']!r}; fix: use qa_reader=reconstruct (reconstructions "
                             "in the prompt) or qa_reader=memory (the answer reads the memories' key/values)")
+        if len(self.cfg["level_probs"]) not in (3, 4):
+            raise UserError(f"r3mem: level_probs={self.cfg['level_probs']!r}; fix: give the shares of document, "
+                            "paragraph and entity pairs, and optionally of QA pairs (3 or 4 numbers)")
         for key, choices in TRAIN_CHOICES.items():
             if self.cfg[key] not in choices:
                 raise UserError(f"r3mem: {key}={self.cfg[key]!r}; fix: use one of {', '.join(choices)}")

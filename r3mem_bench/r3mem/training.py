@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
-from r3mem_bench.r3mem.layout import LEVELS
+from r3mem_bench.r3mem.layout import LEVELS, rotate_keys
 from r3mem_bench.scoring import token_nll
 
 
@@ -110,20 +110,24 @@ class TrainingMixin:
             return losses
         level = LEVELS[int(torch.multinomial(torch.tensor(c["level_probs"], dtype=torch.float), 1))]
         docs = [s.to(dev) if batched else s.to(dev).unsqueeze(0) for s in segments]  # [B, S] each
+        if len(c["level_probs"]) == len(LEVELS):
+            losses["qa"] = zero
         pairs = None
-        if level != "document":
+        if level == "qa":
+            losses["qa"] = torch.stack([self._qa_loss(M) for _ in range(docs[0].shape[0])]).mean()
+        elif level != "document":
             samples = [[s[b] for s in segments] for b in range(docs[0].shape[0])] if batched else [segments]
             pairs = [self._pair(sample, level) for sample in samples]
             if any(p is None for p in pairs):
                 level, pairs = "document", None
         if level == "document":
             losses.update(self._document_losses(docs, M))
-        else:
+        elif level != "qa":
             parts = [self._pair_losses(context, query, M) for context, query in pairs]
             for k in parts[0]:
                 losses[k] = torch.stack([p[k] for p in parts]).mean()
         losses["loss"] = (c["w_lm"] * losses["lm"] + c["w_kl"] * losses["kl"] + c["w_recon"] * losses["recon"]
-                          + c["w_cycle"] * losses["cycle"])
+                          + c["w_cycle"] * losses["cycle"] + c["w_qa"] * losses.get("qa", zero))
         losses["M"] = torch.tensor(float(M))
         losses[f"level_{level}"] = torch.tensor(1.0)
         return losses
@@ -158,6 +162,42 @@ class TrainingMixin:
         else:
             out.update(self._recon_and_cycle(memory, docs[-1], prev))
         return out
+
+    def _qa_loss(self, M: int) -> torch.Tensor:
+        """QA level (a fourth ``level_probs`` entry): a question of the bundled training pairs
+        (``wiki_train_qa``: the questions of the ``wiki_train`` documents with the passages that answer them), its
+        passages compressed one memory each from the empty memory and set side by side as ``qa_reader=memory``
+        reads them (as many as fit in ``max_memory_tokens``), then the mean NLL of the gold answer read after
+        ``[BOS][memories][read marker][closed-book prompt]`` through the reading adapter, with the prompt
+        encoded as the QA tasks encode it (chat template, the shared system text)."""
+        if not hasattr(self, "_qa_data"):
+            from r3mem_bench.data import bundled_jsonl
+            from r3mem_bench.generation import HFGenerator, PromptTemplate
+
+            template = PromptTemplate()
+            self._qa_data = (bundled_jsonl("wiki_train_qa"), template, HFGenerator(self.lm, system=template.system))
+        data, template, enc = self._qa_data
+        pair = data[int(torch.randint(len(data), (1,)))]
+        dev, tok = self.lm.device, self.lm.tokenizer
+        room = max(1, int(self.cfg["max_memory_tokens"]) // M)
+        parts = []
+        for j, passage in enumerate(pair["passages"][:room]):
+            ids = torch.tensor([tok(passage, add_special_tokens=False)["input_ids"][: int(self.cfg["segment_len"])]],
+                               device=dev)
+            memory = self.compress(ids, self.empty_memory(M))[1]  # [L,2,1,H,M,D]
+            if j and self.cfg["slot_positions"] == "ordered":  # memory j's slots after memory j-1's
+                memory = torch.stack([rotate_keys(memory[:, 0], j * M, self.rotary), memory[:, 1]], dim=1)
+            parts.append(memory)
+        memory = torch.cat(parts, dim=-2)
+        prompt = enc.encode(template.render(question=pair["question"], context=""))
+        answer = torch.tensor([enc.continuation_ids(pair["answer"])], device=dev)  # [1, C]
+        self._use("expand")
+        Mt, C = memory.shape[-2], answer.shape[1]
+        past = torch.cat([self._bos_kv("expand", 1), memory], dim=-2)
+        read_marker = self.embed(torch.full((1, 1), self.bos, device=dev))
+        inputs = torch.cat([read_marker, self.embed(torch.tensor([prompt], device=dev)), self.embed(answer[:, :-1])], 1)
+        hidden, _ = self._forward(past, inputs, Mt + 1)
+        return token_nll(self.lm_head(hidden[:, -C:]), answer).mean()  # the prompt's last token predicts answer[0]
 
     def _pair_losses(self, context: list[torch.Tensor], query: torch.Tensor, M: int) -> dict[str, torch.Tensor]:
         """Paragraph or entity level: LM of the query read after the memory of its context, reconstruction and
