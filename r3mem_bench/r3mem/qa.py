@@ -295,13 +295,19 @@ class QAMixin:
         chosen = self._choose(question)[:room]
         if not chosen:
             return self.empty_memory(), []
+        memory = self.side_by_side([e["memory"].float().unsqueeze(2) for e in chosen])
+        return memory, list(dict.fromkeys(i for e in chosen for i in e["ids"]))
+
+    def side_by_side(self, memories: list[torch.Tensor]) -> torch.Tensor:
+        """Memories [L,2,B,H,M,D] as the slots of one larger memory [L,2,B,H,n*M,D], in order: with
+        ``slot_positions=ordered`` memory j's keys move after memory j-1's (rotated by j*M); with ``collapsed``
+        every slot already sits at position 1."""
         parts = []
-        for j, e in enumerate(chosen):
-            mem = e["memory"].float().unsqueeze(2)  # [L,2,1,H,M,D]
+        for j, mem in enumerate(memories):
             if j and self.cfg["slot_positions"] == "ordered":
-                mem = torch.stack([rotate_keys(mem[:, 0], j * self.M, self.rotary), mem[:, 1]], dim=1)
+                mem = torch.stack([rotate_keys(mem[:, 0], j * mem.shape[-2], self.rotary), mem[:, 1]], dim=1)
             parts.append(mem)
-        return torch.cat(parts, dim=-2), list(dict.fromkeys(i for e in chosen for i in e["ids"]))
+        return torch.cat(parts, dim=-2)
 
     @torch.no_grad()
     def _read_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from r3mem_bench.entities import EXTRACTORS, entity_contexts, sentences
-from r3mem_bench.r3mem.layout import LEVELS, rotate_keys
+from r3mem_bench.r3mem.layout import LEVELS
 from r3mem_bench.scoring import token_nll
 
 
@@ -180,15 +180,10 @@ class TrainingMixin:
         pair = data[int(torch.randint(len(data), (1,)))]
         dev, tok = self.lm.device, self.lm.tokenizer
         room = max(1, int(self.cfg["max_memory_tokens"]) // M)
-        parts = []
-        for j, passage in enumerate(pair["passages"][:room]):
-            ids = torch.tensor([tok(passage, add_special_tokens=False)["input_ids"][: int(self.cfg["segment_len"])]],
-                               device=dev)
-            memory = self.compress(ids, self.empty_memory(M))[1]  # [L,2,1,H,M,D]
-            if j and self.cfg["slot_positions"] == "ordered":  # memory j's slots after memory j-1's
-                memory = torch.stack([rotate_keys(memory[:, 0], j * M, self.rotary), memory[:, 1]], dim=1)
-            parts.append(memory)
-        memory = torch.cat(parts, dim=-2)
+        S = int(self.cfg["segment_len"])
+        memory = self.side_by_side([self.compress(torch.tensor([tok(passage, add_special_tokens=False)["input_ids"][:S]],
+                                                               device=dev), self.empty_memory(M))[1]
+                                    for passage in pair["passages"][:room]])  # [L,2,1,H,n*M,D]
         prompt = enc.encode(template.render(question=pair["question"], context=""))
         answer = torch.tensor([enc.continuation_ids(pair["answer"])], device=dev)  # [1, C]
         self._use("expand")
