@@ -104,6 +104,11 @@ def wikitext_titles(raw: str) -> set[str]:
     return {" ".join(words(m.group(1))) for m in re.finditer(r"^ = ([^=].*) = $", raw, re.M)}
 
 
+def write_jsonl_gz(path: Path, lines: list[str]) -> None:
+    """JSON lines, gzipped reproducibly (no timestamp in the header)."""
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0))
+
+
 def main() -> None:
     """Write the decontaminated corpus and print what was dropped."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -119,18 +124,19 @@ def main() -> None:
     banned: set[tuple[str, ...]] = set()
     for text in [wikitext] + [t for p in args.eval for t in eval_texts(p)]:
         banned |= ngrams(text)
-    docs = question_documents(json.loads(args.hotpot.read_text()), json.loads(args.musique.read_text()))
+    hotpot, musique = json.loads(args.hotpot.read_text()), json.loads(args.musique.read_text())
+    docs = question_documents(hotpot, musique)
     kept, dropped = [], []
     for d in docs:
         bad = [t for t, x in d["paragraphs"] if " ".join(words(t)) in titles or ngrams(x) & banned]
         (dropped if bad else kept).append((d, bad))
     lines = [json.dumps({"id": d["id"], "text": "\n\n".join(f"{t}\n{x}" for t, x in d["paragraphs"])},
                         ensure_ascii=False) for d, _ in kept]
-    args.out.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0))
-    qa = question_pairs(json.loads(args.hotpot.read_text()), json.loads(args.musique.read_text()))
+    write_jsonl_gz(args.out, lines)
+    qa = question_pairs(hotpot, musique)
     qa_lines = [json.dumps({"id": f"{d['id']}/{i}", **pair}, ensure_ascii=False)
                 for d, _ in kept for i, pair in enumerate(qa.get(d["id"], []))]
-    args.qa_out.write_bytes(gzip.compress(("\n".join(qa_lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0))
+    write_jsonl_gz(args.qa_out, qa_lines)
     n_words = sum(len(x.split()) for d, _ in kept for _, x in d["paragraphs"])
     print(json.dumps({"kept": len(kept), "dropped": len(dropped), "words": n_words, "qa_pairs": len(qa_lines),
                       "dropped_for": {d["id"]: bad for d, bad in dropped}}, indent=1))
