@@ -182,6 +182,13 @@ def overall_personality_prompt(days: list[tuple[str, str]]) -> str:
               "appropriate response strategy for the AI lover, summarized as:")
 
 
+def _unit(run: list[dict]) -> dict:
+    """What one retrieval hit puts in the prompt: documents adjacent in store order (one without widening), with
+    the first one's day and kind (for the date order) and every id and kind (for recall)."""
+    return {"ids": [d["id"] for d in run], "day": run[0]["day"], "kind": run[0]["kind"],
+            "kinds": [d["kind"] for d in run], "line": "\n".join(d["line"] for d in run)}
+
+
 @register_method
 class MemoryBank(MemoryMethod):
     """Dated memories + LLM day summaries and user portrait, Ebbinghaus forgetting, MiniLM/FAISS recall."""
@@ -466,7 +473,7 @@ class MemoryBank(MemoryMethod):
         if now is not None and self.forgetting != "none" and self.bank["last_forget_day"] != int(now // DAY):
             self.forget(float(now))
         hits = self.index.search(embed([question])[0], self.top_k) if question.strip() else []
-        picked = self._widen([i for i, _ in hits]) if self.widen_chars else [self.docs[i] for i, _ in hits]
+        picked = self._widen([i for i, _ in hits]) if self.widen_chars else [_unit([self.docs[i]]) for i, _ in hits]
         if self.budget:
             tok, kept, used = self.lm.tokenizer, [], 0
             for d in picked:
@@ -476,8 +483,7 @@ class MemoryBank(MemoryMethod):
                 kept.append(d)
                 used += n
             picked = kept
-        self.recall([i for d in picked for i, kind in zip(d.get("ids", [d["id"]]), d.get("kinds", [d["kind"]]))
-                     if kind == "memory"], now)
+        self.recall([i for d in picked for i, kind in zip(d["ids"], d["kinds"]) if kind == "memory"], now)
         picked = sorted(picked, key=lambda d: (d["day"] or "", d["kind"] != "summary"))  # by date, as official
         parts = []
         if self.bank["overall_history"]:
@@ -489,7 +495,7 @@ class MemoryBank(MemoryMethod):
             dates = list(dict.fromkeys(d["day"] for d in picked if d["day"]))
             if dates:
                 parts.append(f"The date of this [memory] is {', '.join(dates)}.")
-        return "\n".join(parts), [i for d in picked for i in d.get("ids", [d["id"]])]
+        return "\n".join(parts), [i for d in picked for i in d["ids"]]
 
     def _widen(self, hits: list[int]) -> list[dict]:
         """The hits (indices into ``docs``) with neighbours of the same day added, as the official
@@ -519,9 +525,7 @@ class MemoryBank(MemoryMethod):
                 runs[-1].append(self.docs[order[r]])
             else:
                 runs.append([self.docs[order[r]]])
-        return [{"id": run[0]["id"], "ids": [d["id"] for d in run], "day": run[0]["day"],
-                 "kind": run[0]["kind"], "kinds": [d["kind"] for d in run],
-                 "line": "\n".join(d["line"] for d in run)} for run in runs]
+        return [_unit(run) for run in runs]
 
     def replay(self, question: str, now: float | None = None) -> None:
         """Redo an answered question's forgetting pass and recall (no answer): a resumed run catches up with it."""
