@@ -316,15 +316,21 @@ class QAMixin:
         Returns the logits [1, V] of the first answer token, the KV [L,2,1,H,P,D] after the prompt, the number of
         positions read (also the position of the next token) and the item ids behind the memory.
         """
-        gen = self._encoder()
         memory, ids = self._answer_memory(question)
-        Mt = memory.shape[-2]
+        prompt = self._encoder().encode(self.prompt.render(question=question, context=""))
+        past, hidden, kv = self.read_after(memory, prompt)
+        return self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), memory.shape[-2] + 2 + len(prompt), ids
+
+    def read_after(self, memory: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ids`` read through the reading adapter after ``[BOS][memory][read marker]`` (``memory``
+        [L,2,1,H,Mt,D]; the answer path and the QA training level). Returns the KV before the marker
+        [L,2,1,H,1+Mt,D], hidden states [1, 1+len(ids), d] (index i predicts ids[i]) and their KV."""
         self._use("expand")
-        prompt = torch.tensor([gen.encode(self.prompt.render(question=question, context=""))], device=self.lm.device)
         read_marker = self.embed(torch.full((1, 1), self.bos, device=self.lm.device))  # [1, 1, d]
         past = torch.cat([self._bos_kv("expand", 1), memory], dim=-2)  # [L,2,1,H,1+Mt,D]
-        hidden, kv = self._forward(past, torch.cat([read_marker, self.embed(prompt)], dim=1), Mt + 1)
-        return self.lm_head(hidden[:, -1]), torch.cat([past, kv], dim=-2), Mt + 2 + prompt.shape[1], ids
+        text = self.embed(torch.tensor([ids], device=self.lm.device))  # [1, P, d]
+        hidden, kv = self._forward(past, torch.cat([read_marker, text], dim=1), memory.shape[-2] + 1)
+        return past, hidden, kv
 
     def shared_prompt_answers(self) -> bool:
         """``qa_reader=reconstruct`` answers through the shared prompt (reconstructions as context)."""

@@ -185,14 +185,10 @@ class TrainingMixin:
                                                                device=dev), self.empty_memory(M))[1]
                                     for passage in pair["passages"][:room]])  # [L,2,1,H,n*M,D]
         prompt = enc.encode(template.render(question=pair["question"], context=""))
-        answer = torch.tensor([enc.continuation_ids(pair["answer"])], device=dev)  # [1, C]
-        self._use("expand")
-        Mt, C = memory.shape[-2], answer.shape[1]
-        past = torch.cat([self._bos_kv("expand", 1), memory], dim=-2)
-        read_marker = self.embed(torch.full((1, 1), self.bos, device=dev))
-        inputs = torch.cat([read_marker, self.embed(torch.tensor([prompt], device=dev)), self.embed(answer[:, :-1])], 1)
-        hidden, _ = self._forward(past, inputs, Mt + 1)
-        return token_nll(self.lm_head(hidden[:, -C:]), answer).mean()  # the prompt's last token predicts answer[0]
+        answer = enc.continuation_ids(pair["answer"])
+        _, hidden, _ = self.read_after(memory, prompt + answer[:-1])
+        C = len(answer)  # the prompt's last token predicts answer[0]
+        return token_nll(self.lm_head(hidden[:, -C:]), torch.tensor([answer], device=dev)).mean()
 
     def _pair_losses(self, context: list[torch.Tensor], query: torch.Tensor, M: int) -> dict[str, torch.Tensor]:
         """Paragraph or entity level: LM of the query read after the memory of its context, reconstruction and
