@@ -55,17 +55,17 @@ prompt, slots and generated tokens for QA); ``state_bytes`` is the memory tensor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from r3mem_bench.baselines._prefix import answer_from_memory, answer_nll_from_memory
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
-from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, lora_copy, resolve_checkpoint
+from r3mem_bench.methods.checkpoints import (SHIPPED, load_adapter_checkpoint, lora_copy, read_checkpoint_config,
+                                             resolve_checkpoint, save_adapter_checkpoint)
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
@@ -73,7 +73,6 @@ from r3mem_bench.scoring import token_nll
 CONFIG_FILE = "rmt_config.json"
 DEFAULT_MEMORY = 16  # memory tokens of the shipped `rmt-<model>` checkpoint and of a fresh RMT
 MEMORY_FILE = "memory.safetensors"
-ADAPTER_DIR = "adapter"
 
 
 def _int_list(value) -> list[int]:
@@ -90,14 +89,7 @@ def truncate_gradient(seg_num: int, n_segments: int, k2: int) -> bool:
 
 def _checkpoint_config(path: Path) -> dict:
     """The RMT settings JSON of a checkpoint directory; unreadable or malformed is a ``UserError``."""
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"--checkpoint {path}: {CONFIG_FILE} is unreadable ({type(exc).__name__}); fix: give a "
-                        "directory written by `r3mem-bench train --method rmt`") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"--checkpoint {path}: {CONFIG_FILE} is not a JSON object; fix: retrain")
-    return cfg
+    return read_checkpoint_config(path, CONFIG_FILE, "rmt")
 
 
 @register_method
@@ -288,52 +280,16 @@ class RMT(MemoryMethod):
 
     def save_checkpoint(self, directory, meta: dict | None = None) -> None:
         """Write the LoRA adapter, the memory embedding, the RMT settings and ``meta`` to ``directory``."""
-        from safetensors.torch import save_file
-
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self.peft.save_pretrained(str(path / ADAPTER_DIR))
-        save_file({"memory": self.memory.detach().cpu().contiguous()}, str(path / MEMORY_FILE))
         cfg = {"method": "rmt", "base_model": self.lm.name, "num_mem_tokens": self.num_mem,
                "segment_len": self.segment_len, "k2": self.k2, "curriculum": self.curriculum,
                "lora_r": self.lora["r"], "lora_alpha": self.lora["alpha"], "lora_dropout": self.lora["dropout"],
                "lora_targets": self.lora["targets"], **(meta or {})}
-        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        save_adapter_checkpoint(directory, self.peft, {"memory": self.memory}, MEMORY_FILE, cfg, CONFIG_FILE)
 
     def load_checkpoint(self, directory) -> None:
         """Load the LoRA adapter and memory embedding written by ``save_checkpoint``."""
-        from peft import set_peft_model_state_dict
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        path = Path(directory)
-        cfg = _checkpoint_config(path)
-        if cfg.get("base_model") and cfg["base_model"] != self.lm.name:
-            raise UserError(f"--checkpoint {path}: trained on '{cfg['base_model']}', not '{self.lm.name}'; "
-                            f"fix: run with --model {cfg['base_model']} or train a checkpoint for this model")
-        try:
-            memory_blob = (path / MEMORY_FILE).read_bytes()
-            memory = load_safetensors(memory_blob)["memory"]
-        except (OSError, KeyError, SafetensorError) as exc:
-            raise UserError(f"--checkpoint {path}: cannot read {MEMORY_FILE} ({type(exc).__name__}: {exc}); "
-                            "fix: give a directory written by `r3mem-bench train --method rmt`") from None
-        if tuple(memory.shape) != tuple(self.memory.shape):
-            raise UserError(f"--checkpoint {path}: memory shape {tuple(memory.shape)} does not fit "
-                            f"{tuple(self.memory.shape)}; fix: use the checkpoint's num_mem_tokens and base model")
-        adapter = path / ADAPTER_DIR
-        weights = adapter / "adapter_model.safetensors"
-        try:
-            adapter_blob = weights.read_bytes()
-            set_peft_model_state_dict(self.peft, load_safetensors(adapter_blob))
-        except (OSError, RuntimeError, SafetensorError) as exc:
-            first = str(exc).strip().splitlines()
-            raise UserError(f"--checkpoint {path}: its LoRA adapter does not fit this model or is unreadable "
-                            f"({first[-1].strip()[:160] if first else type(exc).__name__}); fix: use the checkpoint's "
-                            "base model and lora settings, or retrain") from None
-        with torch.no_grad():
-            self.memory.copy_(memory.to(self.memory.device, self.memory.dtype))
-        digest = hashlib.sha256(adapter_blob + memory_blob).hexdigest()[:16]
-        self.checkpoint_id = f"{checkpoint_name(path, SHIPPED)}@{digest}"  # the same in every checkout
+        self.checkpoint_id = load_adapter_checkpoint(directory, self.peft, {"memory": self.memory}, MEMORY_FILE,
+                                                     CONFIG_FILE, "rmt", self.lm.name, SHIPPED)
 
     def config(self) -> dict:
         """Options plus the resolved checkpoint (path and content hash) and architecture settings."""
@@ -350,48 +306,15 @@ class RMT(MemoryMethod):
         for start in range(0, ids.numel(), self.segment_len):
             self.score_segment(ids[start: start + self.segment_len])
 
-    @torch.no_grad()
     def answer(self, question: str, now: float | None = None) -> Answer:
         """Generate from ``[first prompt token][memory][rest of the closed-book chat prompt]``."""
-        from r3mem_bench.generation import HFGenerator
+        return answer_from_memory(self, self.carried_memory(), question)
 
-        gen = self.generator if hasattr(self.generator, "encode") else HFGenerator(self.lm)
-        max_new = int(getattr(self.generator, "max_new_tokens", 32))
-        ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
-        memory = self.carried_memory()
-        emb = self._embed(ids.view(1, -1))
-        x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
-        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        tok = self.lm.tokenizer
-        out = self.body.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[0].tolist()
-        if tok.eos_token_id in new:
-            new = new[: new.index(tok.eos_token_id)]
-        prompt_tokens = x.shape[1]
-        self.tokens_processed += prompt_tokens + len(new)
-        return Answer(text=tok.decode(new, skip_special_tokens=True).strip(), retrieved_ids=[],
-                      prompt_tokens=prompt_tokens, context="")
-
-    @torch.no_grad()
     def answer_nll(self, question: str, texts: list[str], now: float | None = None,
                    given: Answer | None = None) -> AnswerNLL:
         """Mean per-token NLL of each text after ``[first prompt token][memory][rest of the closed-book prompt]``:
         the input ``answer`` generates from, run once through the adapted model with a KV cache."""
-        from r3mem_bench.generation import HFGenerator, continuation_nll
-
-        gen = self.generator
-        if not hasattr(gen, "continuation_ids"):
-            gen = HFGenerator(self.lm, system=self.prompt.system)
-        ids = torch.tensor(gen.encode(self.prompt.render(question=question, context="")), dtype=torch.long)
-        memory = self.carried_memory()
-        emb = self._embed(ids.view(1, -1))
-        x = torch.cat([emb[:, :1], memory, emb[:, 1:]], dim=1)
-        conts = [gen.continuation_ids(t)[: self.lm.max_length // 2] for t in texts]
-        if given is None:
-            self.tokens_processed += x.shape[1]
-        scored = continuation_nll(self.body, conts, prompt_embeds=x)
-        return AnswerNLL([s for s, _ in scored], [n for _, n in scored], x.shape[1], [], "")
+        return answer_nll_from_memory(self, self.carried_memory(), question, texts, given)
 
 
 @register_method

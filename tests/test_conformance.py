@@ -11,6 +11,7 @@ from r3mem_bench.methods.reference import NoMemory
 R3 = {"untrained": True, "max_memory_tokens": 8, "memory_tokens": 4, "recon_max_tokens": 8}
 RMT = {"untrained": True, "num_mem_tokens": 4}
 OPTIONS = {"r3mem": R3, "r3mem_kv": R3, "r3mem_reset": R3, "r3mem_no_hier": R3, "r3mem_no_cycle": R3, "r3mem_no_recon": R3, "rmt": RMT, "rmt_reset": RMT,
+           "icae": RMT, "icae_reset": RMT, "beacon": {"untrained": True}, "beacon_reset": {"untrained": True},
            "memorybank": {"summary_tokens": 4}, "memorybank_noforget": {"summary_tokens": 4}}
 BUILTINS = sorted(n for n in all_methods() if "built-in" in method_source(n))
 

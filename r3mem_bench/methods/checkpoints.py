@@ -41,3 +41,80 @@ def checkpoint_name(path: Path, shipped_root: Path = SHIPPED) -> str:
     """``shipped/<dir>`` for a checkpoint under ``shipped_root``, else the path as given."""
     path = Path(path)
     return f"shipped/{path.name}" if path.resolve().parent == Path(shipped_root).resolve() else str(path)
+
+
+ADAPTER_DIR = "adapter"  # the peft LoRA adapter inside a checkpoint directory (RMT, ICAE)
+
+
+def read_checkpoint_config(path: Path, config_file: str, method: str) -> dict:
+    """The settings JSON ``config_file`` of a checkpoint directory; unreadable or not an object is a ``UserError``."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / config_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"--checkpoint {path}: {config_file} is unreadable ({type(exc).__name__}); fix: give a "
+                        f"directory written by `r3mem-bench train --method {method}`") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--checkpoint {path}: {config_file} is not a JSON object; fix: retrain")
+    return cfg
+
+
+def save_adapter_checkpoint(path, peft, tensors: dict, tensor_file: str, config: dict, config_file: str) -> None:
+    """Write a LoRA adapter (``peft.save_pretrained``), the method's own tensors (safetensors) and its settings."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    peft.save_pretrained(str(path / ADAPTER_DIR))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / tensor_file))
+    (path / config_file).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter_checkpoint(path, peft, tensors: dict, tensor_file: str, config_file: str, method: str,
+                            model: str, shipped_root: Path = SHIPPED) -> str:
+    """Load what ``save_adapter_checkpoint`` wrote into ``peft`` and the parameters ``tensors`` (name -> tensor of
+    the expected shape, filled in place); returns the checkpoint id ``<name>@<sha256 of the weight files>``, the
+    name as ``checkpoint_name(path, shipped_root)`` gives it.
+
+    A checkpoint for another base model, with other shapes or with unreadable files is a one-line ``UserError``."""
+    import hashlib
+
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    path = Path(path)
+    cfg = read_checkpoint_config(path, config_file, method)
+    if cfg.get("base_model") and cfg["base_model"] != model:
+        raise UserError(f"--checkpoint {path}: trained on '{cfg['base_model']}', not '{model}'; "
+                        f"fix: run with --model {cfg['base_model']} or train a checkpoint for this model")
+    try:
+        blob = (path / tensor_file).read_bytes()
+        saved = load_safetensors(blob)
+        missing = [k for k in tensors if k not in saved]
+        if missing:
+            raise KeyError(missing[0])
+    except (OSError, KeyError, SafetensorError) as exc:
+        raise UserError(f"--checkpoint {path}: cannot read {tensor_file} ({type(exc).__name__}: {exc}); "
+                        f"fix: give a directory written by `r3mem-bench train --method {method}`") from None
+    for key, target in tensors.items():
+        if tuple(saved[key].shape) != tuple(target.shape):
+            raise UserError(f"--checkpoint {path}: {key} shape {tuple(saved[key].shape)} does not fit "
+                            f"{tuple(target.shape)}; fix: use the checkpoint's memory size and base model")
+    try:
+        adapter_blob = (path / ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+        set_peft_model_state_dict(peft, load_safetensors(adapter_blob))
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"--checkpoint {path}: its LoRA adapter does not fit this model or is unreadable "
+                        f"({first[-1].strip()[:160] if first else type(exc).__name__}); fix: use the checkpoint's "
+                        "base model and lora settings, or retrain") from None
+    with torch.no_grad():
+        for key, target in tensors.items():
+            target.copy_(saved[key].to(target.device, target.dtype))
+    digest = hashlib.sha256(adapter_blob + blob).hexdigest()[:16]
+    return f"{checkpoint_name(path, shipped_root)}@{digest}"  # the same in every checkout
