@@ -27,7 +27,8 @@ What the released (v3) recipe does and this adapter follows (``beacon``):
 
 Deviations: (1) windows are the suite's 128-token LM segments (official 1,024-2,048) and the evaluation ratio
 is fixed by ``ratio`` (default 8: 16 beacons per segment, R3Mem's M = 16) instead of ``adapt-1024``; (2) the
-learning rate is the suite's (the official runs use the HF default 5e-5 on 1B tokens); (3) ``max_beacons`` (0:
+learning rate and step count fit the CPU budget and are recorded in the checkpoint (the official runs use the
+HF default 5e-5 on 1B tokens); (3) ``max_beacons`` (0:
 unbounded, the official behaviour) keeps only the latest beacons, so the memory can be matched to another
 method's state bytes; (4) the beacon projections are stored in float16 in the checkpoint (trained in fp32).
 * ``beacon_reset``: the same checkpoint with the memory emptied at every segment (its beacons still run inside
