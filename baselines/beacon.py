@@ -51,8 +51,9 @@ from pathlib import Path
 
 import torch
 
+from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
-from r3mem_bench.method import MemoryMethod, tensor_bytes
+from r3mem_bench.method import tensor_bytes
 from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, read_checkpoint_config, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import rotate_keys
@@ -92,7 +93,7 @@ class _Routed(torch.nn.Module):
 
 
 @register_method
-class Beacon(MemoryMethod):
+class Beacon(TrainedBaseline):
     """Activation Beacon: beacon tokens condense each window; their key/value activations are the memory."""
 
     name = "beacon"
@@ -125,6 +126,7 @@ class Beacon(MemoryMethod):
     # ---- model -------------------------------------------------------------------------------------------
     def _build(self) -> None:
         self.model = copy.deepcopy(self.lm.model)  # the run's other methods keep the plain model
+        self.net = self.model
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.route = _Route()
@@ -145,15 +147,6 @@ class Beacon(MemoryMethod):
         params["beacon.embed"] = self.beacon_embed
         return params
 
-    def train(self, mode: bool = True) -> Beacon:
-        self.model.train(mode)
-        for p in self.trainable_parameters().values():
-            p.requires_grad_(mode)
-        return self
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.lm.device))
-
     def _pass(self, past: torch.Tensor | None, embeds: torch.Tensor, start: int, beacons: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder over ``embeds`` [B, T, d] at positions start.. after ``past`` KV [L, 2, B, H, P, D] (RoPE'd),
@@ -171,10 +164,9 @@ class Beacon(MemoryMethod):
         kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])
         return out.last_hidden_state, kv
 
-    def _sink(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_sink(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix token at position 0: its KV [L, 2, B, H, 1, D] and the logits [B, V] it predicts with."""
-        ids = torch.full((batch, 1), self.lm.prefix_token_id, dtype=torch.long)
-        hidden, kv = self._pass(None, self._embed(ids), 0, None)
+        hidden, kv = self._pass(None, self._sink(batch), 0, None)
         return kv, self.head(hidden[:, -1])
 
     def window(self, seg_ids: torch.Tensor, memory: torch.Tensor | None, sink_kv: torch.Tensor, ratio: int
@@ -232,7 +224,7 @@ class Beacon(MemoryMethod):
         token; then keep this window's beacons."""
         seg = segment_ids.view(1, -1).to(self.lm.device)
         if self._sink_kv is None:
-            self._sink_kv, self._next_logits = self._sink(1)
+            self._sink_kv, self._next_logits = self._run_sink(1)
             self.tokens_processed += 1
         memory = None if self.reset_each_segment else self.memory
         hidden, beacons = self.window(seg, memory, self._sink_kv, self.ratio)
@@ -250,7 +242,7 @@ class Beacon(MemoryMethod):
         if not segs:
             raise UserError("beacon training: empty sample; fix: give samples of at least one segment")
         b = segs[0].shape[0]
-        sink_kv, next_logits = self._sink(b)
+        sink_kv, next_logits = self._run_sink(b)
         memory, total, count = None, 0.0, 0
         for seg in segs:
             seg = seg.to(self.lm.device)

@@ -68,8 +68,9 @@ import torch
 import torch.nn.functional as F
 
 from r3mem_bench.baselines._prefix import answer_from_memory, answer_nll_from_memory
+from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
-from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
+from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_adapter_checkpoint, lora_copy, read_checkpoint_config,
                                              resolve_checkpoint, save_adapter_checkpoint)
 from r3mem_bench.methods.reference import _item_line
@@ -82,7 +83,7 @@ DEFAULT_MEMORY = 16  # slots per segment of the shipped `icae-<model>` checkpoin
 
 
 @register_method
-class ICAE(MemoryMethod):
+class ICAE(TrainedBaseline):
     """In-context autoencoder: a LoRA encoder compresses each segment into M slots the frozen model reads next."""
 
     name = "icae"
@@ -119,6 +120,7 @@ class ICAE(MemoryMethod):
                               lora_dropout=self.lora["dropout"], target_modules=self.lora["targets"], bias="none",
                               task_type="CAUSAL_LM")
         self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
+        self.net = self.peft
         self.stack = self.body.get_decoder()
         self.head = self.body.get_output_embeddings()
         emb = self.body.get_input_embeddings().weight.detach()
@@ -136,19 +138,6 @@ class ICAE(MemoryMethod):
         params["icae.tokens"] = self.tokens
         params["icae.shift"] = self.shift
         return params
-
-    def train(self, mode: bool = True) -> ICAE:
-        """Switch dropout on (training) or off (evaluation) and enable gradients on the trainable weights."""
-        self.peft.train(mode)
-        for p in self.trainable_parameters().values():
-            p.requires_grad_(mode)
-        return self
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.body.get_input_embeddings()(ids.to(self.lm.device))
-
-    def _sink(self, batch: int) -> torch.Tensor:
-        return self._embed(torch.full((batch, 1), self.lm.prefix_token_id, dtype=torch.long))
 
     def _memory_states(self, seg_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Encoder's final (normed) hidden states at the M memory positions after the segments [B, S] (None: an

@@ -62,8 +62,9 @@ import torch
 import torch.nn.functional as F
 
 from r3mem_bench.baselines._prefix import answer_from_memory, answer_nll_from_memory
+from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
-from r3mem_bench.method import Answer, AnswerNLL, MemoryMethod, tensor_bytes
+from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_adapter_checkpoint, lora_copy, read_checkpoint_config,
                                              resolve_checkpoint, save_adapter_checkpoint)
 from r3mem_bench.methods.registry import register_method
@@ -93,7 +94,7 @@ def _checkpoint_config(path: Path) -> dict:
 
 
 @register_method
-class RMT(MemoryMethod):
+class RMT(TrainedBaseline):
     """Recurrent memory tokens ``[sink, mem, segment, mem]`` with a LoRA-adapted base model (Bulatov et al.)."""
 
     name = "rmt"
@@ -132,6 +133,7 @@ class RMT(MemoryMethod):
                               lora_dropout=self.lora["dropout"], target_modules=self.lora["targets"], bias="none",
                               task_type="CAUSAL_LM")
         self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
+        self.net = self.peft
         self.decoder = self.body.get_decoder()
         self.head = self.body.get_output_embeddings()
         emb = self.body.get_input_embeddings().weight.detach()
@@ -146,19 +148,6 @@ class RMT(MemoryMethod):
         params = {n: p for n, p in self.peft.named_parameters() if "lora_" in n}
         params["rmt.memory"] = self.memory
         return params
-
-    def train(self, mode: bool = True) -> RMT:
-        """Switch dropout on (training) or off (evaluation) and enable gradients on the trainable weights."""
-        self.peft.train(mode)
-        for p in self.trainable_parameters().values():
-            p.requires_grad_(mode)
-        return self
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.body.get_input_embeddings()(ids.to(self.lm.device))
-
-    def _sink(self, batch: int) -> torch.Tensor:
-        return self._embed(torch.full((batch, 1), self.lm.prefix_token_id, dtype=torch.long))
 
     def initial_memory(self, batch: int = 1) -> torch.Tensor:
         """The learned memory, repeated for a batch: [B, M, H]."""

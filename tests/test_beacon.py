@@ -34,7 +34,7 @@ def make(tiny_lm, name="beacon", **opts):
 def test_only_beacon_positions_use_the_beacon_projections(tiny_lm, segments):
     m = make(tiny_lm)
     seg = segments[0].view(1, -1)
-    sink_kv, first = m._sink(1)
+    sink_kv, first = m._run_sink(1)
     hidden, beacons = m.window(seg, None, sink_kv, ratio=8)
     assert hidden.shape == (1, 32, tiny_lm.model.config.hidden_size) and beacons.shape[-2] == 4
     # raw tokens before the first beacon see no beacon: they equal the plain model on [sink][those tokens]
@@ -49,7 +49,7 @@ def test_only_beacon_positions_use_the_beacon_projections(tiny_lm, segments):
         for n, p in copy.trainable_parameters().items():
             if n != "beacon.embed":
                 p.mul_(0.5)
-    other, _ = copy.window(seg, None, copy._sink(1)[0], ratio=8)
+    other, _ = copy.window(seg, None, copy._run_sink(1)[0], ratio=8)
     assert torch.allclose(other[:, :8], hidden[:, :8], atol=1e-6) and not torch.allclose(other[:, 8:], hidden[:, 8:])
 
 
