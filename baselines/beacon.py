@@ -54,7 +54,7 @@ import torch
 from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import tensor_bytes
-from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, read_checkpoint_config, resolve_checkpoint
+from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, read_checkpoint_config
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import rotate_keys
 from r3mem_bench.scoring import kv_bytes, token_nll
@@ -97,6 +97,7 @@ class Beacon(TrainedBaseline):
     """Activation Beacon: beacon tokens condense each window; their key/value activations are the memory."""
 
     name = "beacon"
+    config_file = CONFIG_FILE
     checkpoint_owner = "beacon"
     families = ("lm",)
     description = "Activation Beacon: interleaved beacon tokens with their own q/k/v; their KV is kept as memory"
@@ -258,18 +259,6 @@ class Beacon(TrainedBaseline):
         return {"loss": loss, "nll": loss.detach()}
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def _checkpoint_dir(self, given) -> Path | None:
-        if not given and (self.options.get("untrained") or self.for_training):
-            return None
-        shipped = None if given else Beacon.shipped_checkpoint(self.lm.name)
-        return resolve_checkpoint("beacon", given, CONFIG_FILE, shipped, self.lm.name,
-                                  " (or --method-arg untrained=true for the untrained control)")
-
-    @classmethod
-    def shipped_checkpoint(cls, model: str) -> Path | None:
-        shipped = SHIPPED / f"beacon-{model}"
-        return shipped if (shipped / CONFIG_FILE).is_file() else None
-
     def save_checkpoint(self, directory, meta: dict | None = None) -> None:
         """The beacon projections and embedding (float16) and the settings with ``meta``."""
         from safetensors.torch import save_file

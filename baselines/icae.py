@@ -62,7 +62,6 @@ tokens; decoder: sink, slots, segment); ``state_bytes`` is the slots carried int
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +71,7 @@ from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_adapter_checkpoint, lora_copy, read_checkpoint_config,
-                                             resolve_checkpoint, save_adapter_checkpoint)
+                                             save_adapter_checkpoint)
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
@@ -87,6 +86,7 @@ class ICAE(TrainedBaseline):
     """In-context autoencoder: a LoRA encoder compresses each segment into M slots the frozen model reads next."""
 
     name = "icae"
+    config_file = CONFIG_FILE
     checkpoint_owner = "icae"  # icae_reset reads the same checkpoint
     families = ("lm", "rag", "dialogue")
     description = "In-Context Autoencoder: each segment compressed to M slots, read by the frozen model (LoRA encoder)"
@@ -256,20 +256,6 @@ class ICAE(TrainedBaseline):
         return {"loss": loss, **out}
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def _checkpoint_dir(self, given) -> Path | None:
-        """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model, if any."""
-        if not given and (self.options.get("untrained") or self.for_training):
-            return None
-        shipped = None if given else ICAE.shipped_checkpoint(self.lm.name)
-        return resolve_checkpoint("icae", given, CONFIG_FILE, shipped, self.lm.name,
-                                  " (or --method-arg untrained=true for the untrained control)")
-
-    @classmethod
-    def shipped_checkpoint(cls, model: str) -> Path | None:
-        """The shipped ICAE checkpoint for ``model`` (shared by ``icae`` and ``icae_reset``), if any."""
-        shipped = SHIPPED / f"icae-{model}"
-        return shipped if (shipped / CONFIG_FILE).is_file() else None
-
     def _own_tensors(self) -> dict[str, torch.nn.Parameter]:
         return {"tokens": self.tokens, "shift": self.shift}
 
