@@ -40,10 +40,10 @@ What this adapter does (``icae``):
   the frozen decoder: trained without the shift for 110 steps, the autoencoding NLL stayed at the LM NLL (3.29
   vs 3.31); with it, 0.08 below after 400 steps. The rescaling is that of this suite's RMT, since final-normed
   states are ~13x the embedding scale; (5) the memory and AE embeddings start at the token embeddings' scale
-  (``randn x std``) rather than ``nn.Embedding``'s N(0, 1); (6) LoRA r 16, alpha 32, no dropout on every linear layer, the shipped RMT's
-  adapter (the official r 128 on q/v was sized for a 7B model with hidden size 4,096; here hidden is 576); (7)
-  the 128-token segments of the suite's LM protocol at M = 16 (compression 8x; the official default is 4x at
-  128 slots); (8) no instruction fine-tuning stage (``[FT]``): LM and QA read the pretrained memory directly.
+  (``randn x std``) rather than ``nn.Embedding``'s N(0, 1); (6) LoRA r 16, alpha 32, no dropout on every
+  linear layer, the shipped RMT's adapter (the official r 128 on q/v was sized for a 7B model with hidden size
+  4,096; here hidden is 576); (7) the 128-token segments of the suite's LM protocol at M = 16 (compression 8x;
+  the official default is 4x at 128 slots); (8) no instruction fine-tuning stage (``[FT]``): LM and QA read the pretrained memory directly.
 * ``icae_reset``: the same checkpoint reading the slots of an empty text at every segment; the difference to
   ``icae`` is what the compressed previous segment contributes, over a prefix the training never showed empty
   (on held-out text the shipped checkpoint's reset scores worse than no memory at all: compare with both).
