@@ -43,7 +43,8 @@ What this adapter does (``icae``):
   (``randn x std``) rather than ``nn.Embedding``'s N(0, 1); (6) LoRA r 16, alpha 32, no dropout on every
   linear layer, the shipped RMT's adapter (the official r 128 on q/v was sized for a 7B model with hidden size
   4,096; here hidden is 576); (7) the 128-token segments of the suite's LM protocol at M = 16 (compression 8x;
-  the official default is 4x at 128 slots); (8) no instruction fine-tuning stage (``[FT]``): LM and QA read the pretrained memory directly.
+  the official default is 4x at 128 slots); (8) no instruction fine-tuning stage (``[FT]``): LM and QA read the
+  pretrained memory directly.
 * ``icae_reset``: the same checkpoint reading the slots of an empty text at every segment; the difference to
   ``icae`` is what the compressed previous segment contributes, over a prefix the training never showed empty
   (on held-out text the shipped checkpoint's reset scores worse than no memory at all: compare with both).
