@@ -41,6 +41,17 @@ def tiny_lm():
     return load_model("tiny-random", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def segments(tiny_lm):
+    """Three 32-token segments of the baseline tests' LM text (``fixtures/baselines/helpers.LM_TEXT``), tokenized
+    by ``tiny_lm``: the stream the trained baselines' tests (RMT, ICAE, Beacon) score and train on."""
+    import torch
+    from fixtures.baselines.helpers import LM_TEXT
+
+    ids = torch.tensor(tiny_lm.tokenizer(LM_TEXT, add_special_tokens=False)["input_ids"][:96])
+    return list(ids.split(32))
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``r3mem-bench ARGS`` in a subprocess; returns the completed process (text mode)."""
     full_env = {**os.environ, **(env or {})}

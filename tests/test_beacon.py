@@ -16,12 +16,6 @@ from r3mem_bench.methods import get_method_class
 OPTS = {"untrained": True, "ratio": 8}
 
 
-@pytest.fixture(scope="module")
-def segments(tiny_lm):
-    ids = torch.tensor(tiny_lm.tokenizer(LM_TEXT, add_special_tokens=False)["input_ids"][:96])
-    return list(ids.split(32))
-
-
 def make(tiny_lm, name="beacon", **opts):
     torch.manual_seed(0)
     m = get_method_class(name)(tiny_lm, {**OPTS, **opts})
