@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from r3mem_bench.method import MemoryMethod
-from r3mem_bench.methods.checkpoints import SHIPPED, resolve_checkpoint
+from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
 
 
 class TrainedBaseline(MemoryMethod):
@@ -21,6 +22,34 @@ class TrainedBaseline(MemoryMethod):
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         raise NotImplementedError
+
+    def _lora_settings(self, saved: dict, r: int, alpha: int) -> dict:
+        """LoRA rank, alpha, dropout and target modules: a checkpoint's recorded ``saved`` settings win over the
+        options (``lora_r`` ...), which win over the method's defaults (``r``, ``alpha``, no dropout, every
+        linear layer)."""
+        o = self.options
+        return {"r": int(saved.get("lora_r", o.get("lora_r", r))),
+                "alpha": int(saved.get("lora_alpha", o.get("lora_alpha", alpha))),
+                "dropout": float(saved.get("lora_dropout", o.get("lora_dropout", 0.0))),
+                "targets": saved.get("lora_targets", o.get("lora_targets", "all-linear"))}
+
+    def _adapt(self, lora: dict) -> torch.Tensor:
+        """A private LoRA copy of the base model (``self.peft``, ``self.net``; ``self.body``: the causal LM inside
+        it; ``self.head``; ``self.emb_norm``: the mean norm of the token-embedding rows); returns the (detached)
+        token-embedding matrix [V, H], whose scale the method's learned vectors start at."""
+        self.peft = lora_copy(self.lm, r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                              target_modules=lora["targets"], bias="none", task_type="CAUSAL_LM")
+        self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
+        self.net = self.peft
+        self.head = self.body.get_output_embeddings()
+        emb = self.body.get_input_embeddings().weight.detach()
+        self.emb_norm = float(emb.float().norm(dim=-1).mean())
+        return emb
+
+    def _at_embedding_scale(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` [..., H] with their direction kept and their norm set to the embedding rows' mean norm (last
+        hidden states fed back as input embeddings)."""
+        return F.normalize(states.float(), dim=-1).to(states.dtype) * self.emb_norm
 
     def train(self, mode: bool = True) -> TrainedBaseline:
         """Switch dropout on (training) or off (evaluation) and enable gradients on the trainable weights."""

@@ -45,16 +45,14 @@ once per document); ``state_bytes`` is the beacons' keys and values carried into
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-from pathlib import Path
 
 import torch
 
 from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import tensor_bytes
-from r3mem_bench.methods.checkpoints import SHIPPED, checkpoint_name, read_checkpoint_config
+from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
+                                             save_checkpoint_files)
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import rotate_keys
 from r3mem_bench.scoring import kv_bytes, token_nll
@@ -261,40 +259,15 @@ class Beacon(TrainedBaseline):
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self, directory, meta: dict | None = None) -> None:
         """The beacon projections and embedding (float16) and the settings with ``meta``."""
-        from safetensors.torch import save_file
-
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().to(torch.float16).cpu().contiguous() for n, p in self.trainable_parameters().items()},
-                  str(path / WEIGHTS_FILE))
+        half = {n: p.detach().to(torch.float16) for n, p in self.trainable_parameters().items()}
         cfg = {"method": "beacon", "base_model": self.lm.name, "segment_len": self.segment_len,
                "train_ratios": self.train_ratios, **(meta or {})}
-        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        save_checkpoint_files(directory, None, half, WEIGHTS_FILE, cfg, CONFIG_FILE)
 
     def load_checkpoint(self, directory) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load as load_safetensors
-
-        path = Path(directory)
-        cfg = read_checkpoint_config(path, CONFIG_FILE, "beacon")
-        if cfg.get("base_model") and cfg["base_model"] != self.lm.name:
-            raise UserError(f"--checkpoint {path}: trained on '{cfg['base_model']}', not '{self.lm.name}'; "
-                            f"fix: run with --model {cfg['base_model']} or train a checkpoint for this model")
-        params = self.trainable_parameters()
-        try:
-            blob = (path / WEIGHTS_FILE).read_bytes()
-            saved = load_safetensors(blob)
-        except (OSError, SafetensorError) as exc:
-            raise UserError(f"--checkpoint {path}: cannot read {WEIGHTS_FILE} ({type(exc).__name__}); fix: give a "
-                            "directory written by `r3mem-bench train --method beacon`") from None
-        bad = [n for n, p in params.items() if n not in saved or tuple(saved[n].shape) != tuple(p.shape)]
-        if bad:
-            raise UserError(f"--checkpoint {path}: '{bad[0]}' is missing or has another shape; fix: use the "
-                            "checkpoint's base model")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n].to(p.device, p.dtype))
-        self.checkpoint_id = f"{checkpoint_name(path, SHIPPED)}@{hashlib.sha256(blob).hexdigest()[:16]}"
+        """Load what ``save_checkpoint`` wrote (float16, into the float32 parameters)."""
+        self.checkpoint_id = load_checkpoint_files(directory, None, self.trainable_parameters(), WEIGHTS_FILE,
+                                                   CONFIG_FILE, "beacon", self.lm.name, SHIPPED)
 
     def config(self) -> dict:
         return {"name": self.name, **self.options, "checkpoint_id": self.checkpoint_id, "ratio": self.ratio,

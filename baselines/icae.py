@@ -67,14 +67,13 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from r3mem_bench.baselines._prefix import answer_from_memory, answer_nll_from_memory
 from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
-from r3mem_bench.methods.checkpoints import (SHIPPED, load_adapter_checkpoint, lora_copy, read_checkpoint_config,
-                                             save_adapter_checkpoint)
+from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
+                                             save_checkpoint_files)
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
@@ -107,33 +106,24 @@ class ICAE(TrainedBaseline):
         if self.spans < 0:
             raise UserError(f"icae: spans={self.spans}; fix: a number of previous segments >= 1, or 0 for all")
         self.ae_weight = float(o.get("ae_weight", saved.get("ae_weight", 1.0)))
-        self.lora = {"r": int(saved.get("lora_r", o.get("lora_r", 16))),
-                     "alpha": int(saved.get("lora_alpha", o.get("lora_alpha", 32))),
-                     "dropout": float(saved.get("lora_dropout", o.get("lora_dropout", 0.0))),
-                     "targets": saved.get("lora_targets", o.get("lora_targets", "all-linear"))}
+        self.lora = self._lora_settings(saved, r=16, alpha=32)
         self._build()
         self.checkpoint_id = ""
         if ckpt:
             self.load_checkpoint(ckpt)
+        else:
+            with torch.no_grad():  # LoRA B is zero: the base model's states at the memory positions of an empty text
+                self.shift.copy_(self._memory_states(None, 1).mean(dim=(0, 1)))
         self.reset()
 
     # ---- model -------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.peft = lora_copy(self.lm, r=self.lora["r"], lora_alpha=self.lora["alpha"],
-                              lora_dropout=self.lora["dropout"], target_modules=self.lora["targets"], bias="none",
-                              task_type="CAUSAL_LM")
-        self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
-        self.net = self.peft
+        emb = self._adapt(self.lora)
         self.stack = self.body.get_decoder()
-        self.head = self.body.get_output_embeddings()
-        emb = self.body.get_input_embeddings().weight.detach()
         init = torch.randn((self.num_mem + 1, emb.shape[1])) * emb.float().std()  # global RNG: the trainer seeds it
         self.tokens = torch.nn.Parameter(init.to(emb.device, emb.dtype))  # rows 0..M-1: memory tokens; row M: [AE]
-        self.emb_norm = float(emb.float().norm(dim=-1).mean())
         self.shift = torch.nn.Parameter(torch.zeros(emb.shape[1], device=emb.device, dtype=emb.dtype))  # [H]
         self.peft.eval()
-        with torch.no_grad():  # LoRA B is zero: the base model's states at the memory positions of an empty text
-            self.shift.copy_(self._memory_states(None, 1).mean(dim=(0, 1)))
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """LoRA weights of the encoder and the memory/[AE] embeddings by stable name (the base model stays frozen)."""
@@ -153,8 +143,7 @@ class ICAE(TrainedBaseline):
     def compress(self, seg_ids: torch.Tensor | None, batch: int = 1) -> torch.Tensor:
         """Encoder: segments [B, S] (None: an empty text) -> slots [B, M, H]: the memory states less the learned
         ``shift``, at the embedding rows' mean norm."""
-        centred = self._memory_states(seg_ids, batch) - self.shift
-        return F.normalize(centred.float(), dim=-1).to(centred.dtype) * self.emb_norm  # [B, M, H]
+        return self._at_embedding_scale(self._memory_states(seg_ids, batch) - self.shift)  # [B, M, H]
 
     def read(self, slots: torch.Tensor, seg_ids: torch.Tensor, autoencode: bool = False) -> torch.Tensor:
         """Decoder (the frozen base model): logits [B, S] predicting ``seg_ids`` [B, S] after ``[sink][slots]``
@@ -268,11 +257,11 @@ class ICAE(TrainedBaseline):
                "segment_len": self.segment_len, "spans": self.spans, "ae_weight": self.ae_weight,
                "lora_r": self.lora["r"], "lora_alpha": self.lora["alpha"], "lora_dropout": self.lora["dropout"],
                "lora_targets": self.lora["targets"], **(meta or {})}
-        save_adapter_checkpoint(directory, self.peft, self._own_tensors(), TOKENS_FILE, cfg, CONFIG_FILE)
+        save_checkpoint_files(directory, self.peft, self._own_tensors(), TOKENS_FILE, cfg, CONFIG_FILE)
 
     def load_checkpoint(self, directory) -> None:
         """Load what ``save_checkpoint`` wrote (``--init-from`` of the trainer)."""
-        self.checkpoint_id = load_adapter_checkpoint(directory, self.peft, self._own_tensors(), TOKENS_FILE,
+        self.checkpoint_id = load_checkpoint_files(directory, self.peft, self._own_tensors(), TOKENS_FILE,
                                                      CONFIG_FILE, "icae", self.lm.name, SHIPPED)
 
     def config(self) -> dict:
@@ -291,10 +280,9 @@ class ICAE(TrainedBaseline):
         tok = self.lm.tokenizer
         text = "\n".join(_item_line(item) for item in items)
         ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        self.passage_slots = [self.compress(ids[start: start + self.segment_len].view(1, -1))
-                              for start in range(0, ids.numel(), self.segment_len)]
-        self.tokens_processed += sum(1 + min(self.segment_len, ids.numel() - start) + self.num_mem
-                                     for start in range(0, ids.numel(), self.segment_len))
+        chunks = ids.split(self.segment_len)
+        self.passage_slots = [self.compress(chunk.view(1, -1)) for chunk in chunks]
+        self.tokens_processed += sum(1 + chunk.numel() + self.num_mem for chunk in chunks)
 
     def _qa_memory(self) -> torch.Tensor:
         """The slots of every ingested segment, in order (the official multi-span concatenation), as many of the

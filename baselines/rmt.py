@@ -59,14 +59,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from r3mem_bench.baselines._prefix import answer_from_memory, answer_nll_from_memory
 from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
-from r3mem_bench.methods.checkpoints import (SHIPPED, load_adapter_checkpoint, lora_copy, read_checkpoint_config,
-                                             resolve_checkpoint, save_adapter_checkpoint)
+from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
+                                             resolve_checkpoint, save_checkpoint_files)
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
@@ -115,10 +114,7 @@ class RMT(TrainedBaseline):
         train_segments = int(o.get("train_segments", 4))
         default_stages = ",".join(str(n) for n in range(min(2, train_segments), train_segments + 1))
         self.curriculum = _int_list(o.get("curriculum", saved.get("curriculum", default_stages)))
-        self.lora = {"r": int(saved.get("lora_r", o.get("lora_r", 8))),
-                     "alpha": int(saved.get("lora_alpha", o.get("lora_alpha", 16))),
-                     "dropout": float(saved.get("lora_dropout", o.get("lora_dropout", 0.0))),
-                     "targets": saved.get("lora_targets", o.get("lora_targets", "all-linear"))}
+        self.lora = self._lora_settings(saved, r=8, alpha=16)
         self.total_steps = int(o.get("train_steps", 0))
         self._build()
         self.checkpoint_id = ""
@@ -129,18 +125,10 @@ class RMT(TrainedBaseline):
 
     # ---- model -------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.peft = lora_copy(self.lm, r=self.lora["r"], lora_alpha=self.lora["alpha"],
-                              lora_dropout=self.lora["dropout"], target_modules=self.lora["targets"], bias="none",
-                              task_type="CAUSAL_LM")
-        self.body = self.peft.get_base_model()  # the causal LM with LoRA layers injected
-        self.net = self.peft
+        emb = self._adapt(self.lora)
         self.decoder = self.body.get_decoder()
-        self.head = self.body.get_output_embeddings()
-        emb = self.body.get_input_embeddings().weight.detach()
-        hidden = emb.shape[1]
-        init = torch.randn((self.num_mem, hidden)) * emb.float().std()  # global RNG: the trainer seeds it
+        init = torch.randn((self.num_mem, emb.shape[1])) * emb.float().std()  # global RNG: the trainer seeds it
         self.memory = torch.nn.Parameter(init.to(emb.device, emb.dtype))
-        self.emb_norm = float(emb.float().norm(dim=-1).mean())
         self.peft.eval()
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -166,7 +154,7 @@ class RMT(TrainedBaseline):
         hidden = self.decoder(inputs_embeds=x).last_hidden_state  # [B, 1 + 2M + S, H], after the final norm
         logits = self.head(hidden[:, m: m + s])  # position m (last read slot) predicts the first token
         written = hidden[:, -m:]
-        new_memory = F.normalize(written.float(), dim=-1).to(written.dtype) * self.emb_norm
+        new_memory = self._at_embedding_scale(written)
         return logits, new_memory
 
     # ---- LM streams ----------------------------------------------------------------------------------------
@@ -273,11 +261,11 @@ class RMT(TrainedBaseline):
                "segment_len": self.segment_len, "k2": self.k2, "curriculum": self.curriculum,
                "lora_r": self.lora["r"], "lora_alpha": self.lora["alpha"], "lora_dropout": self.lora["dropout"],
                "lora_targets": self.lora["targets"], **(meta or {})}
-        save_adapter_checkpoint(directory, self.peft, {"memory": self.memory}, MEMORY_FILE, cfg, CONFIG_FILE)
+        save_checkpoint_files(directory, self.peft, {"memory": self.memory}, MEMORY_FILE, cfg, CONFIG_FILE)
 
     def load_checkpoint(self, directory) -> None:
         """Load the LoRA adapter and memory embedding written by ``save_checkpoint``."""
-        self.checkpoint_id = load_adapter_checkpoint(directory, self.peft, {"memory": self.memory}, MEMORY_FILE,
+        self.checkpoint_id = load_checkpoint_files(directory, self.peft, {"memory": self.memory}, MEMORY_FILE,
                                                      CONFIG_FILE, "rmt", self.lm.name, SHIPPED)
 
     def config(self) -> dict:

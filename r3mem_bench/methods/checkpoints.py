@@ -43,7 +43,7 @@ def checkpoint_name(path: Path, shipped_root: Path = SHIPPED) -> str:
     return f"shipped/{path.name}" if path.resolve().parent == Path(shipped_root).resolve() else str(path)
 
 
-ADAPTER_DIR = "adapter"  # the peft LoRA adapter inside a checkpoint directory (RMT, ICAE)
+ADAPTER_DIR = "adapter"  # the peft LoRA adapter inside a checkpoint directory (RMT, ICAE; Beacon has none)
 
 
 def read_checkpoint_config(path: Path, config_file: str, method: str) -> dict:
@@ -60,24 +60,26 @@ def read_checkpoint_config(path: Path, config_file: str, method: str) -> dict:
     return cfg
 
 
-def save_adapter_checkpoint(path, peft, tensors: dict, tensor_file: str, config: dict, config_file: str) -> None:
-    """Write a LoRA adapter (``peft.save_pretrained``), the method's own tensors (safetensors) and its settings."""
+def save_checkpoint_files(path, peft, tensors: dict, tensor_file: str, config: dict, config_file: str) -> None:
+    """Write a LoRA adapter (``peft.save_pretrained``; None: the method has none), the method's own tensors
+    (safetensors, in their dtype) and its settings JSON."""
     import json
 
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    peft.save_pretrained(str(path / ADAPTER_DIR))
+    if peft is not None:
+        peft.save_pretrained(str(path / ADAPTER_DIR))
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / tensor_file))
     (path / config_file).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_adapter_checkpoint(path, peft, tensors: dict, tensor_file: str, config_file: str, method: str,
-                            model: str, shipped_root: Path = SHIPPED) -> str:
-    """Load what ``save_adapter_checkpoint`` wrote into ``peft`` and the parameters ``tensors`` (name -> tensor of
-    the expected shape, filled in place); returns the checkpoint id ``<name>@<sha256 of the weight files>``, the
-    name as ``checkpoint_name(path, shipped_root)`` gives it.
+def load_checkpoint_files(path, peft, tensors: dict, tensor_file: str, config_file: str, method: str,
+                          model: str, shipped_root: Path = SHIPPED) -> str:
+    """Load what ``save_checkpoint_files`` wrote into ``peft`` (None: no adapter) and the parameters ``tensors``
+    (name -> tensor of the expected shape, filled in place, cast to its dtype); returns the checkpoint id
+    ``<name>@<sha256 of the weight files>``, the name as ``checkpoint_name(path, shipped_root)`` gives it.
 
     A checkpoint for another base model, with other shapes or with unreadable files is a one-line ``UserError``."""
     import hashlib
@@ -105,9 +107,11 @@ def load_adapter_checkpoint(path, peft, tensors: dict, tensor_file: str, config_
         if tuple(saved[key].shape) != tuple(target.shape):
             raise UserError(f"--checkpoint {path}: {key} shape {tuple(saved[key].shape)} does not fit "
                             f"{tuple(target.shape)}; fix: use the checkpoint's memory size and base model")
+    adapter_blob = b""
     try:
-        adapter_blob = (path / ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
-        set_peft_model_state_dict(peft, load_safetensors(adapter_blob))
+        if peft is not None:
+            adapter_blob = (path / ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+            set_peft_model_state_dict(peft, load_safetensors(adapter_blob))
     except (OSError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()
         raise UserError(f"--checkpoint {path}: its LoRA adapter does not fit this model or is unreadable "
