@@ -161,7 +161,7 @@ class ICAE(TrainedBaseline):
     # ---- LM streams ----------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the document: no slots yet (the next segment reads an empty text's slots)."""
-        self.slots: list[torch.Tensor] = []  # [1, M, H] per previous segment, oldest first
+        self.slots: list[torch.Tensor] = []  # [1, M, H] per kept previous segment (the last `spans`), oldest first
         self.passage_slots: list[torch.Tensor] = []  # QA: [1, M, H] per ingested segment
         self._empty: torch.Tensor | None = None
 
@@ -176,17 +176,13 @@ class ICAE(TrainedBaseline):
         """What the decoder reads before the next segment: [1, spans x M, H] (an empty text's slots at first)."""
         if self.reset_each_segment or not self.slots:
             return self.empty_slots()
-        return torch.cat(self._kept(), dim=1)
-
-    def _kept(self) -> list[torch.Tensor]:
-        """The slots of the last ``spans`` segments (all with ``spans=0``)."""
-        return self.slots if self.spans == 0 else self.slots[-self.spans:]
+        return torch.cat(self.slots, dim=1)
 
     def state_bytes(self) -> int:
         """The slots carried into the next segment (QA: the slots of the ingested text)."""
         if self.passage_slots:
             return tensor_bytes(*self.passage_slots)
-        return 0 if self.reset_each_segment else tensor_bytes(*self._kept())
+        return 0 if self.reset_each_segment else tensor_bytes(*self.slots)
 
     def lm_state_bytes(self) -> int | None:
         """``spans`` x M x H floats carried between segments (None with ``spans=0``: it grows with the document)."""
