@@ -54,7 +54,7 @@ from r3mem_bench.method import tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
                                              save_checkpoint_files)
 from r3mem_bench.methods.registry import register_method
-from r3mem_bench.r3mem.layout import rotate_keys
+from r3mem_bench.r3mem.layout import kv_pass, rotate_keys
 from r3mem_bench.scoring import kv_bytes, token_nll
 
 CONFIG_FILE = "beacon_config.json"
@@ -148,20 +148,13 @@ class Beacon(TrainedBaseline):
 
     def _pass(self, past: torch.Tensor | None, embeds: torch.Tensor, start: int, beacons: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder over ``embeds`` [B, T, d] at positions start.. after ``past`` KV [L, 2, B, H, P, D] (RoPE'd),
-        beacon positions routed by ``beacons`` [B, T]. Returns hidden states [B, T, d] and the pass's KV."""
-        from transformers import DynamicCache
-
-        T = embeds.shape[1]
-        cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past]) if past is not None else DynamicCache()
-        positions = torch.arange(start, start + T, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
+        """``kv_pass`` of the decoder with the beacon positions ``beacons`` [B, T] (None: none) routed through the
+        beacon projections: hidden states [B, T, d] and the pass's KV [L, 2, B, H, T, D] (RoPE'd keys)."""
         self.route.mask = beacons
         try:
-            out = self.stack(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
+            return kv_pass(self.stack, past, embeds, start)
         finally:
             self.route.mask = None
-        kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])
-        return out.last_hidden_state, kv
 
     def _run_sink(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix token at position 0: its KV [L, 2, B, H, 1, D] and the logits [B, V] it predicts with."""
@@ -197,8 +190,19 @@ class Beacon(TrainedBaseline):
         keys = rotate_keys(beacon_kv[:, 0], -(1 + m + where), self.rotary)  # back to pre-RoPE
         return hidden[:, ~is_beacon.to(hidden.device)], torch.stack([keys, beacon_kv[:, 1]], dim=1)
 
-    def _cap(self, memory: torch.Tensor) -> torch.Tensor:
-        return memory[..., -self.max_beacons:, :] if self.max_beacons else memory
+    def _step(self, seg: torch.Tensor, memory: torch.Tensor | None, sink_kv: torch.Tensor, first: torch.Tensor,
+              ratio: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One window [B, S] after ``memory`` (ignored by the reset control): the logits [B, S, V] of its raw tokens
+        (the first one's are ``first`` [B, V], from the previous window), those its last raw token gives the next
+        window's first token, the memory the next window reads (this window's beacons appended, at most
+        ``max_beacons`` kept; the reset control keeps only this window's) and the positions run per row."""
+        if self.reset_each_segment:
+            memory = None
+        hidden, beacons = self.window(seg, memory, sink_kv, ratio)
+        logits = torch.cat([first.unsqueeze(1), self.head(hidden[:, :-1])], dim=1)
+        kept = beacons if memory is None else torch.cat([memory, beacons], dim=-2)
+        kept = kept[..., -self.max_beacons:, :] if self.max_beacons else kept
+        return logits, self.head(hidden[:, -1]), kept, seg.shape[1] + beacons.shape[-2]
 
     # ---- LM streams ----------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -225,12 +229,9 @@ class Beacon(TrainedBaseline):
         if self._sink_kv is None:
             self._sink_kv, self._next_logits = self._run_sink(1)
             self.tokens_processed += 1
-        memory = None if self.reset_each_segment else self.memory
-        hidden, beacons = self.window(seg, memory, self._sink_kv, self.ratio)
-        logits = torch.cat([self._next_logits.unsqueeze(1), self.head(hidden[:, :-1])], dim=1)  # [1, S, V]
-        self._next_logits = self.head(hidden[:, -1])
-        self.tokens_processed += seg.shape[1] + beacons.shape[-2]
-        self.memory = self._cap(beacons if memory is None else torch.cat([memory, beacons], dim=-2))
+        logits, self._next_logits, self.memory, run = self._step(seg, self.memory, self._sink_kv,
+                                                                 self._next_logits, self.ratio)
+        self.tokens_processed += run
         return token_nll(logits, seg)[0].cpu()
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -246,13 +247,10 @@ class Beacon(TrainedBaseline):
         for seg in segs:
             seg = seg.to(self.lm.device)
             ratio = self.train_ratios[int(torch.randint(len(self.train_ratios), (1,)))]
-            hidden, beacons = self.window(seg, None if self.reset_each_segment else memory, sink_kv, ratio)
-            logits = torch.cat([next_logits.unsqueeze(1), self.head(hidden[:, :-1])], dim=1)
-            next_logits = self.head(hidden[:, -1])
+            logits, next_logits, memory, run = self._step(seg, memory, sink_kv, next_logits, ratio)
             nll = token_nll(logits, seg)
             total, count = total + nll.sum(), count + nll.numel()
-            self.tokens_processed += b * (seg.shape[1] + beacons.shape[-2])
-            memory = self._cap(beacons if memory is None else torch.cat([memory, beacons], dim=-2))
+            self.tokens_processed += b * run
         loss = total / count
         return {"loss": loss, "nll": loss.detach()}
 

@@ -1,5 +1,6 @@
 """R3Mem's options and the geometry of its memory: which options a checkpoint fixes, where the slots sit among
-the text (``slot_order``) and how a key moves to another position (``rotate_keys``)."""
+the text (``slot_order``), how a key moves to another position (``rotate_keys``) and a decoder pass after a given
+key/value memory (``kv_pass``, also Activation Beacon's)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,20 @@ def rotate_keys(keys: torch.Tensor, shift: int | torch.Tensor, rotary) -> torch.
     half = keys.shape[-1] // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
     return keys * cos + rotated * sin
+
+
+def kv_pass(decoder, past: torch.Tensor | None, embeds: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decoder`` (a transformers decoder stack) over ``embeds`` [B, T, d] at positions start.. after ``past`` KV
+    [L, 2, B, H, P, D] (RoPE'd keys). Returns the last hidden states [B, T, d] and the new keys/values
+    [L, 2, B, H, T, D]."""
+    from transformers import DynamicCache
+
+    T = embeds.shape[1]
+    cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past]) if past is not None else DynamicCache()
+    positions = torch.arange(start, start + T, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
+    out = decoder(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
+    new_kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])
+    return out.last_hidden_state, new_kv
 
 
 def repeated_ngram_ends(seq: list[int], n: int) -> list[int]:

@@ -15,7 +15,7 @@ from r3mem_bench.method import MemoryMethod, tensor_bytes
 from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import (ARCH_DEFAULTS, CHECKPOINT_FORMAT, META, ONE_VALUE_ARCH, QA_READERS, RUN_DEFAULTS,
-                                      SLOT_POSITIONS, TRAIN_CHOICES, WEIGHTS, arch_problem, repeated_ngram_ends, rotate_keys, slot_order,
+                                      SLOT_POSITIONS, TRAIN_CHOICES, WEIGHTS, arch_problem, kv_pass, repeated_ngram_ends, rotate_keys, slot_order,
                                       trained_arch)
 from r3mem_bench.r3mem.qa import QAMixin
 from r3mem_bench.r3mem.training import TrainingMixin
@@ -156,14 +156,7 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
 
         Returns the last hidden states [B, T, d] and the new keys/values [L, 2, B, H, T, D].
         """
-        from transformers import DynamicCache
-
-        T = embeds.shape[1]
-        cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past]) if past is not None else DynamicCache()
-        positions = torch.arange(start, start + T, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
-        out = self.decoder(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
-        new_kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])
-        return out.last_hidden_state, new_kv
+        return kv_pass(self.decoder, past, embeds, start)
 
     def _bos_kv(self, adapter: str, batch: int) -> torch.Tensor:
         """KV of the BOS token at position 0 under ``adapter``: [L, 2, B, H, 1, D] (see ``_reused``)."""
