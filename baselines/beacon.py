@@ -35,6 +35,14 @@ method's state bytes; (4) the beacon projections are stored in float16 in the ch
   each window, and a window's last raw token still predicts the next segment's first token): the difference to
   ``beacon`` is what the carried activations contribute.
 
+QA families: the corpus or dialogue history (items in order, each line with its date when it has one) is read
+window by window (``segment_len`` raw tokens, a beacon after every ``ratio``), keeping every window's beacons (the
+latest that fit in half the model's window, or ``max_beacons``); the answer is generated greedily, and
+``answer_nll`` scores gold and candidate answers, after ``[sink][beacons][shared closed-book chat prompt]`` run
+through the plain projections. Deviation: the corpus's last, partial window is condensed like the others (the
+official model keeps a partial window's raw activations until it fills, so the question would share it). No
+item ids are retrieved. ``beacon_reset`` answers after the sink alone (no memory).
+
 No checkpoint is shipped: ``beacon`` refuses to run until one is trained (``r3mem-bench train --method beacon
 --model MODEL --output DIR``, then ``--checkpoint DIR``).
 
@@ -50,11 +58,12 @@ import torch
 
 from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
-from r3mem_bench.method import tensor_bytes
+from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
                                              save_checkpoint_files)
+from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.methods.registry import register_method
-from r3mem_bench.r3mem.layout import kv_pass, rotate_keys
+from r3mem_bench.r3mem.layout import continuation_nll_after, greedy_after, kv_pass, rotate_keys
 from r3mem_bench.scoring import kv_bytes, token_nll
 
 CONFIG_FILE = "beacon_config.json"
@@ -97,7 +106,7 @@ class Beacon(TrainedBaseline):
     name = "beacon"
     config_file = CONFIG_FILE
     checkpoint_owner = "beacon"
-    families = ("lm",)
+    families = ("lm", "rag", "dialogue")
     description = "Activation Beacon: interleaved beacon tokens with their own q/k/v; their KV is kept as memory"
     trainable = True
     batched_training = True
@@ -253,6 +262,67 @@ class Beacon(TrainedBaseline):
             self.tokens_processed += b * run
         loss = total / count
         return {"loss": loss, "nll": loss.detach()}
+
+    # ---- QA ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ingest(self, items) -> None:
+        """Read the items (dated lines, in order) window by window, ``segment_len`` raw tokens each, at ``ratio``;
+        the answer reads every window's beacons (the latest that fit in half the model's window, or
+        ``max_beacons``). The reset control reads nothing."""
+        self.reset()
+        self._sink_kv, _ = self._run_sink(1)
+        self.tokens_processed += 1
+        if self.reset_each_segment:
+            return
+        tok = self.lm.tokenizer
+        text = "\n".join(_item_line(item) for item in items)
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        cap = min(self.max_beacons or self.lm.max_length // 2, self.lm.max_length // 2)
+        for chunk in ids.split(self.segment_len):
+            _, beacons = self.window(chunk.view(1, -1).to(self.lm.device), self.memory, self._sink_kv, self.ratio)
+            self.memory = beacons if self.memory is None else torch.cat([self.memory, beacons], dim=-2)[..., -cap:, :]
+            self.tokens_processed += chunk.numel() + beacons.shape[-2]
+
+    def _read_prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``[sink][beacons][closed-book prompt]`` through the plain projections: the logits [1, V] of the first
+        answer token, the KV after the prompt [L, 2, 1, H, P, D], the position of the next token and the number
+        of prompt tokens run."""
+        if self._sink_kv is None:
+            self._sink_kv, _ = self._run_sink(1)
+            self.tokens_processed += 1
+        past = self._sink_kv
+        m = 0 if self.memory is None else self.memory.shape[-2]
+        if m:
+            keys = rotate_keys(self.memory[:, 0], torch.arange(1, m + 1), self.rotary)  # beacons at 1..m
+            past = torch.cat([past, torch.stack([keys, self.memory[:, 1]], dim=1)], dim=-2)
+        prompt = self._encoder().encode(self.prompt.render(question=question, context=""))
+        hidden, kv = self._read(past, self._embed(torch.tensor([prompt])), 1 + m)
+        return self.head(hidden[:, -1]), torch.cat([past, kv], dim=-2), 1 + m + len(prompt), len(prompt)
+
+    def _read(self, past: torch.Tensor, embeds: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pass(past, embeds, start, None)
+
+    @torch.no_grad()
+    def answer(self, question: str, now: float | None = None) -> Answer:
+        """Greedy answer after ``[sink][beacons of the ingested text][closed-book prompt]``."""
+        logits, past, pos, run = self._read_prompt(question)
+        max_new = int(getattr(self.generator, "max_new_tokens", 32))
+        out = greedy_after(self._read, self._embed, self.head, past, logits, pos, max_new,
+                           self.lm.tokenizer.eos_token_id)
+        self.tokens_processed += run + len(out)
+        text = self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return Answer(text=text, retrieved_ids=[], prompt_tokens=pos, context="")
+
+    @torch.no_grad()
+    def answer_nll(self, question: str, texts: list[str], now: float | None = None,
+                   given: Answer | None = None) -> AnswerNLL:
+        """Mean per-token NLL of each text after the input ``answer`` generates from."""
+        last, past, pos, run = self._read_prompt(question)
+        if given is None:
+            self.tokens_processed += run
+        conts = [self._encoder().continuation_ids(t)[: self.lm.max_length // 2] for t in texts]
+        scored = continuation_nll_after(self._read, self._embed, self.head, past, last, pos, conts)
+        return AnswerNLL([s for s, _ in scored], [n for _, n in scored], pos, [], "")
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self, directory, meta: dict | None = None) -> None:

@@ -1,5 +1,5 @@
 """Activation Beacon: interleaving and routing, memory carried and capped, the reset control, training step,
-checkpoints and the refusal to run untrained."""
+checkpoints, QA from the beacons of a corpus and the refusal to run untrained."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from fixtures.baselines.helpers import LM_TEXT, run_lm
+from fixtures.baselines.helpers import LM_TEXT, qa_parts, retrieval_fixture, run_lm, run_qa
 
 from r3mem_bench.baselines.beacon import CONFIG_FILE
 from r3mem_bench.errors import UserError
@@ -16,9 +16,9 @@ from r3mem_bench.methods import get_method_class
 OPTS = {"untrained": True, "ratio": 8}
 
 
-def make(tiny_lm, name="beacon", **opts):
+def make(tiny_lm, name="beacon", parts=None, **opts):
     torch.manual_seed(0)
-    m = get_method_class(name)(tiny_lm, {**OPTS, **opts})
+    m = get_method_class(name)(tiny_lm, {**OPTS, **opts}, **(parts or {}))
     with torch.no_grad():  # move the beacon copies off the base weights
         for p in m.trainable_parameters().values():
             p.add_(0.05 * torch.randn_like(p))
@@ -115,3 +115,30 @@ def test_untrained_without_a_checkpoint_is_refused_and_bad_options_are_one_line(
         get_method_class("beacon")(tiny_lm, {"untrained": True, "ratio": 0})
     with pytest.raises(UserError, match="max_beacons"):
         get_method_class("beacon")(tiny_lm, {"untrained": True, "max_beacons": -1})
+
+
+def test_qa_answers_from_the_beacons_of_the_whole_corpus(tiny_lm):
+    items, questions = retrieval_fixture()
+    m = make(tiny_lm, segment_len=32, parts=qa_parts(tiny_lm))
+    rows = run_qa(m, items, questions[:2])
+    ids = tiny_lm.tokenizer("\n".join(i.text for i in items), add_special_tokens=False)["input_ids"]
+    n_beacons = sum(len(ids[i:i + 32]) // 8 for i in range(0, len(ids), 32))
+    assert n_beacons > 4 and m.memory.shape[-2] == n_beacons
+    per_entry = 2 * tiny_lm.model.config.num_hidden_layers * 2 * 16 * 4
+    assert m.state_bytes() == n_beacons * per_entry
+    assert rows[0]["ingest_tokens"] == 1 + len(ids) + n_beacons
+    assert all(r["retrieved_ids"] == [] for r in rows) and "recall" not in rows[0]["metrics"]
+    q = questions[0]["question"]
+    full = m.answer_nll(q, ["Paris"]).nll[0]
+    m.memory = m.memory[..., :4, :]
+    assert m.answer_nll(q, ["Paris"]).nll[0] != pytest.approx(full, abs=1e-6)  # the answer reads the beacons
+    # no memory: the plain model on [prefix token][closed-book prompt][answer] (no beacon position is routed)
+    reset = make(tiny_lm, "beacon_reset", segment_len=32, parts=qa_parts(tiny_lm))
+    run_qa(reset, items, questions[:1])
+    assert reset.memory is None and reset.state_bytes() == 0
+    prompt = qa_parts(tiny_lm)["generator"].encode(reset.prompt.render(question=q, context=""))
+    answer = tiny_lm.tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    x = torch.tensor([[tiny_lm.prefix_token_id, *prompt, *answer]])
+    logits = tiny_lm.model(input_ids=x).logits[0, -len(answer) - 1:-1]
+    expected = float(torch.nn.functional.cross_entropy(logits, torch.tensor(answer)))
+    assert reset.answer_nll(q, ["Paris"]).nll[0] == pytest.approx(expected, abs=1e-5)

@@ -1,6 +1,7 @@
 """R3Mem's options and the geometry of its memory: which options a checkpoint fixes, where the slots sit among
 the text (``slot_order``), how a key moves to another position (``rotate_keys``) and a decoder pass after a given
-key/value memory (``kv_pass``, also Activation Beacon's)."""
+key/value memory (``kv_pass``, also Activation Beacon's) and answering after one (``greedy_after``,
+``continuation_nll_after``)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,42 @@ def kv_pass(decoder, past: torch.Tensor | None, embeds: torch.Tensor, start: int
     out = decoder(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
     new_kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])
     return out.last_hidden_state, new_kv
+
+
+def greedy_after(step, embed, head, past: torch.Tensor, logits: torch.Tensor, pos: int, max_new: int,
+                 eos: int | None) -> list[int]:
+    """Greedy tokens after a prompt whose KV is ``past`` [L, 2, 1, H, P, D] and whose last position gave ``logits``
+    [1, V]; the next token sits at position ``pos``. ``step(past, embeds, start)`` is a ``kv_pass``-like decoder
+    pass, ``embed`` maps ids [1, T] to embeddings, ``head`` hidden states to logits. Stops at ``eos``."""
+    out: list[int] = []
+    for _ in range(max_new):
+        nxt = int(logits.argmax(-1))
+        if nxt == eos:
+            break
+        out.append(nxt)
+        hidden, kv = step(past, embed(torch.tensor([[nxt]], device=past.device)), pos)
+        past, pos, logits = torch.cat([past, kv], dim=-2), pos + 1, head(hidden[:, -1])
+    return out
+
+
+def continuation_nll_after(step, embed, head, past: torch.Tensor, last: torch.Tensor, pos: int,
+                           continuations: list[list[int]]) -> list[tuple[float, int]]:
+    """(mean per-token NLL, token count) of each continuation (token ids) after the prompt of ``greedy_after``
+    (its KV ``past``, the logits ``last`` [1, V] of its last position, the next position ``pos``); an empty
+    continuation gives ``(nan, 0)``."""
+    scores = []
+    for ids in continuations:
+        if not ids:
+            scores.append((float("nan"), 0))
+            continue
+        target = torch.tensor([ids], device=past.device)  # [1, C]
+        logits = last.unsqueeze(1)  # [1, 1, V]
+        if len(ids) > 1:
+            hidden, _ = step(past, embed(target[:, :-1]), pos)
+            logits = torch.cat([logits, head(hidden)], dim=1)
+        nll = torch.nn.functional.cross_entropy(logits[0].float(), target[0], reduction="sum")
+        scores.append((float(nll) / len(ids), len(ids)))
+    return scores
 
 
 def repeated_ngram_ends(seq: list[int], n: int) -> list[int]:

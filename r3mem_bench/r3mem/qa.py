@@ -10,11 +10,10 @@ import time
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from r3mem_bench.entities import EXTRACTORS, entity_contexts
 from r3mem_bench.method import Answer, AnswerNLL, MemoryItem
-from r3mem_bench.r3mem.layout import rotate_keys
+from r3mem_bench.r3mem.layout import continuation_nll_after, greedy_after, rotate_keys
 from r3mem_bench.scoring import token_nll
 
 INGEST_CACHE_VERSION = 2  # bump when ingest's memories change for the same inputs: cached ones are recomputed
@@ -343,16 +342,8 @@ class QAMixin:
         if self.cfg["qa_reader"] != "memory":
             return super().answer(question, now=now)
         logits, past, read, ids = self._read_prompt(question)
-        pos = read
         max_new = int(getattr(self.generator, "max_new_tokens", 32))
-        out: list[int] = []
-        for _ in range(max_new):
-            nxt = int(logits.argmax(-1))
-            if nxt == self.eos:
-                break
-            out.append(nxt)
-            hidden, kv = self._forward(past, self.embed(torch.tensor([[nxt]], device=self.lm.device)), pos)
-            past, pos, logits = torch.cat([past, kv], dim=-2), pos + 1, self.lm_head(hidden[:, -1])
+        out = greedy_after(self._forward, self.embed, self.lm_head, past, logits, read, max_new, self.eos)
         self.tokens_processed += read + len(out)
         text = self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
         return Answer(text=text, retrieved_ids=ids, prompt_tokens=read, context="")
@@ -368,21 +359,9 @@ class QAMixin:
         last, past, read, ids = self._read_prompt(question)
         if given is None:
             self.tokens_processed += read
-        nll, counts = [], []
-        for text in texts:
-            cont = gen.continuation_ids(text)[: self.lm.max_length // 2]
-            if not cont:
-                nll.append(float("nan"))
-                counts.append(0)
-                continue
-            target = torch.tensor([cont], device=self.lm.device)  # [1, C]
-            logits = last.unsqueeze(1)  # [1, 1, V]
-            if len(cont) > 1:
-                hidden, _ = self._forward(past, self.embed(target[:, :-1]), read)
-                logits = torch.cat([logits, self.lm_head(hidden)], dim=1)
-            nll.append(float(F.cross_entropy(logits[0].float(), target[0], reduction="sum")) / len(cont))
-            counts.append(len(cont))
-        return AnswerNLL(nll, counts, read, ids, "")
+        conts = [gen.continuation_ids(text)[: self.lm.max_length // 2] for text in texts]
+        scored = continuation_nll_after(self._forward, self.embed, self.lm_head, past, last, read, conts)
+        return AnswerNLL([s for s, _ in scored], [n for _, n in scored], read, ids, "")
 
     # ---- diagnostics -------------------------------------------------------------------------------------
     @torch.no_grad()
