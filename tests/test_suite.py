@@ -35,7 +35,8 @@ def test_shipped_suites_parse():
     assert {c["family"] for c in cells(ci, "/tmp/unused")} == {"lm", "rag", "dialogue"}
     quick, paper = load_suite("quick"), load_suite("paper")
     wanted = {"no_memory", "full_context", "vector_rag", "memorybank", "memorybank_noforget", "rmt", "rmt_reset",
-              "window@rmt", "icae", "icae_reset", "window@icae", "r3mem", "r3mem_kv", "r3mem_reset", "window@r3mem",
+              "window@rmt", "icae", "icae_reset", "window@icae", "beacon", "beacon_reset", "beacon:max_beacons=16",
+              "window@beacon:max_beacons=16", "r3mem", "r3mem_kv", "r3mem_reset", "window@r3mem",
               "window4x@r3mem"}
     assert {m["method"] for m in quick.methods} == wanted == {m["method"] for m in paper.methods}
     assert paper.resources.get("num_gpus") == 1 and len(paper.seeds) == 3
