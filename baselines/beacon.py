@@ -43,8 +43,9 @@ through the plain projections. Deviation: the corpus's last, partial window is c
 official model keeps a partial window's raw activations until it fills, so the question would share it). No
 item ids are retrieved. ``beacon_reset`` answers after the sink alone (no memory).
 
-No checkpoint is shipped: ``beacon`` refuses to run until one is trained (``r3mem-bench train --method beacon
---model MODEL --output DIR``, then ``--checkpoint DIR``).
+Shipped checkpoint and its training command: ``results/beacon/README.md``. For a model without a checkpoint
+``beacon`` refuses to run until one is trained (``r3mem-bench train --method beacon --model MODEL --output DIR``,
+then ``--checkpoint DIR``).
 
 Costs: ``tokens_processed`` counts every position pushed through the model (raw tokens and beacons; the sink
 once per document); ``state_bytes`` is the beacons' keys and values carried into the next segment.

@@ -1,4 +1,5 @@
-"""The shipped R3Mem, RMT and ICAE checkpoints reproduce committed README numbers (the held-out WikiText-2 run).
+"""The shipped R3Mem, RMT, ICAE and Beacon checkpoints reproduce committed README numbers (the held-out
+WikiText-2 run).
 
 ``results/r3mem/heldout`` holds the rows behind the README's table "What each trained memory adds, against every
 control" (SmolLM2-135M, 128-token segments, 1,024 tokens per article). This test scores the first two articles
@@ -21,7 +22,7 @@ from r3mem_bench.task import TaskRegistry
 HELDOUT = Path(__file__).resolve().parents[1] / "results" / "r3mem" / "heldout" / "wikitext2"
 
 
-@pytest.mark.parametrize("method", ["r3mem", "rmt", "icae"])
+@pytest.mark.parametrize("method", ["r3mem", "rmt", "icae", "beacon"])
 def test_shipped_checkpoint_reproduces_committed_heldout_rows(smollm2, method):
     manifest = json.loads((HELDOUT / method / "manifest.json").read_text())
     committed = [json.loads(line) for line in (HELDOUT / method / "results.jsonl").read_text().splitlines()][:2]
