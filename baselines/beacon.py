@@ -171,6 +171,13 @@ class Beacon(TrainedBaseline):
         hidden, kv = self._pass(None, self._sink(batch), 0, None)
         return kv, self.head(hidden[:, -1])
 
+    def _after_sink(self, sink_kv: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """The KV a pass reads: the sink's, then the memory (pre-RoPE) placed at positions 1..m."""
+        if memory is None or not memory.shape[-2]:
+            return sink_kv
+        keys = rotate_keys(memory[:, 0], torch.arange(1, memory.shape[-2] + 1), self.rotary)
+        return torch.cat([sink_kv, torch.stack([keys, memory[:, 1]], dim=1)], dim=-2)
+
     def window(self, seg_ids: torch.Tensor, memory: torch.Tensor | None, sink_kv: torch.Tensor, ratio: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """One window [B, S] after the sink and ``memory`` (pre-RoPE beacon KV [L, 2, B, H, m, D] or None).
@@ -179,10 +186,7 @@ class Beacon(TrainedBaseline):
         window's beacons' KV, pre-RoPE [L, 2, B, H, S // ratio, D]."""
         b, s = seg_ids.shape
         m = 0 if memory is None else memory.shape[-2]
-        past = sink_kv
-        if m:
-            keys = rotate_keys(memory[:, 0], torch.arange(1, m + 1), self.rotary)  # memory at positions 1..m
-            past = torch.cat([sink_kv, torch.stack([keys, memory[:, 1]], dim=1)], dim=-2)
+        past = self._after_sink(sink_kv, memory)
         n_beacons = s // ratio
         raw = self._embed(seg_ids)  # [B, S, d]
         if n_beacons == 0:
@@ -291,11 +295,8 @@ class Beacon(TrainedBaseline):
         if self._sink_kv is None:
             self._sink_kv, _ = self._run_sink(1)
             self.tokens_processed += 1
-        past = self._sink_kv
-        m = 0 if self.memory is None else self.memory.shape[-2]
-        if m:
-            keys = rotate_keys(self.memory[:, 0], torch.arange(1, m + 1), self.rotary)  # beacons at 1..m
-            past = torch.cat([past, torch.stack([keys, self.memory[:, 1]], dim=1)], dim=-2)
+        past = self._after_sink(self._sink_kv, self.memory)
+        m = past.shape[-2] - 1
         prompt = self._encoder().encode(self.prompt.render(question=question, context=""))
         hidden, kv = self._read(past, self._embed(torch.tensor([prompt])), 1 + m)
         return self.head(hidden[:, -1]), torch.cat([past, kv], dim=-2), 1 + m + len(prompt), len(prompt)
