@@ -1,6 +1,6 @@
 """What the trained baselines (RMT, ICAE, Activation Beacon) share: switching their private network and trainable
-tensors between training and evaluation, token embeddings, the attention-sink token, and which checkpoint a run
-loads."""
+tensors between training and evaluation, token embeddings, the attention-sink token, a QA history cut into
+segments, and which checkpoint a run loads."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from r3mem_bench.method import MemoryMethod
 from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
+from r3mem_bench.methods.reference import _item_line
 
 
 class TrainedBaseline(MemoryMethod):
@@ -65,6 +66,13 @@ class TrainedBaseline(MemoryMethod):
     def _sink(self, batch: int) -> torch.Tensor:
         """The model's document prefix token, kept at position 0 as an attention sink: [B, 1, H]."""
         return self._embed(torch.full((batch, 1), self.lm.prefix_token_id, dtype=torch.long))
+
+    def _history_segments(self, items) -> tuple[torch.Tensor, ...]:
+        """The QA corpus or dialogue history (items in order, each line with its date when it has one) as token ids
+        cut into ``self.segment_len``-token segments (the last may be shorter)."""
+        text = "\n".join(_item_line(item) for item in items)
+        ids = torch.tensor(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return ids.split(self.segment_len)
 
     def _checkpoint_dir(self, given) -> Path | None:
         """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model; None for fresh weights

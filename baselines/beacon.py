@@ -62,7 +62,6 @@ from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
                                              save_checkpoint_files)
-from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import continuation_nll_after, greedy_after, kv_pass, rotate_keys
 from r3mem_bench.scoring import kv_bytes, token_nll
@@ -279,11 +278,8 @@ class Beacon(TrainedBaseline):
         self.tokens_processed += 1
         if self.reset_each_segment:
             return
-        tok = self.lm.tokenizer
-        text = "\n".join(_item_line(item) for item in items)
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
         cap = min(self.max_beacons or self.lm.max_length // 2, self.lm.max_length // 2)
-        for chunk in ids.split(self.segment_len):
+        for chunk in self._history_segments(items):
             _, beacons = self.window(chunk.view(1, -1).to(self.lm.device), self.memory, self._sink_kv, self.ratio)
             self.memory = beacons if self.memory is None else torch.cat([self.memory, beacons], dim=-2)[..., -cap:, :]
             self.tokens_processed += chunk.numel() + beacons.shape[-2]

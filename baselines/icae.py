@@ -74,7 +74,6 @@ from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
                                              save_checkpoint_files)
-from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
 
@@ -273,10 +272,7 @@ class ICAE(TrainedBaseline):
         if self.reset_each_segment:
             self.empty_slots()  # what every answer reads, computed (and counted) with the ingest
             return
-        tok = self.lm.tokenizer
-        text = "\n".join(_item_line(item) for item in items)
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        chunks = ids.split(self.segment_len)
+        chunks = self._history_segments(items)
         self.passage_slots = [self.compress(chunk.view(1, -1)) for chunk in chunks]
         self.tokens_processed += sum(1 + chunk.numel() + self.num_mem for chunk in chunks)
 

@@ -67,7 +67,6 @@ from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
                                              resolve_checkpoint, save_checkpoint_files)
 from r3mem_bench.methods.registry import register_method
-from r3mem_bench.methods.reference import _item_line
 from r3mem_bench.scoring import token_nll
 
 CONFIG_FILE = "rmt_config.json"
@@ -277,11 +276,8 @@ class RMT(TrainedBaseline):
     @torch.no_grad()
     def ingest(self, items) -> None:
         """Read the items (dated lines, in order) recurrently into the memory, one segment at a time."""
-        tok = self.lm.tokenizer
-        text = "\n".join(_item_line(item) for item in items)
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        for start in range(0, ids.numel(), self.segment_len):
-            self.score_segment(ids[start: start + self.segment_len])
+        for segment in self._history_segments(items):
+            self.score_segment(segment)
 
     def answer(self, question: str, now: float | None = None) -> Answer:
         """Generate from ``[first prompt token][memory][rest of the closed-book chat prompt]``."""
