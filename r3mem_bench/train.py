@@ -403,8 +403,11 @@ def bf16_training(method):
     casts only of trainable leaves, so it cast the frozen base again on every pass (the products are the same
     bf16 products). A head tied to the input embedding gets its own frozen copy; embeddings, norms and the
     trainable tensors stay float32. The passes run under CPU autocast with attention on PyTorch's math kernel,
-    which on this CPU runs bf16 attention with its backward about 1.7x faster than the fused kernel.
+    which on this CPU runs bf16 attention with its backward about 1.7x faster than the fused kernel. peft's
+    cast of each LoRA input to the adapter's float32 is turned off: autocast runs the adapter's products in bf16
+    either way, so that cast only copied bf16 activations to float32 and back (the results are bitwise the same).
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     nets = [m for m in vars(method).values() if isinstance(m, torch.nn.Module)]
@@ -413,6 +416,8 @@ def bf16_training(method):
             w = getattr(mod, "weight", None)
             if isinstance(mod, torch.nn.Linear) and w is not None and not w.requires_grad and w.dtype == torch.float32:
                 mod.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+            if isinstance(mod, BaseTunerLayer):
+                mod.cast_input_dtype_enabled = False  # what peft.helpers.disable_input_dtype_casting sets
 
     @contextlib.contextmanager
     def passes():

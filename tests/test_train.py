@@ -305,7 +305,9 @@ def test_cli_stop_after_then_new_step_budget_records_the_schedule_change(tmp_pat
 @pytest.mark.parametrize("method", ["r3mem", "rmt"])
 def test_bf16_training_stores_frozen_matrices_once_with_autocasts_products(tiny_lm, method):
     """bf16 training keeps the frozen base's Linear weights in bfloat16 (the shared model and the trainable
-    tensors untouched) and gives the losses and gradients autocast gives from the float32 weights."""
+    tensors untouched), with peft's cast of adapter inputs to float32 off, and gives the losses and gradients
+    autocast gives from the float32 weights with that cast on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from r3mem_bench.train import bf16_training
@@ -336,6 +338,8 @@ def test_bf16_training_stores_frozen_matrices_once_with_autocasts_products(tiny_
     assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
     assert all(p.dtype == torch.float32 for p in m.trainable_parameters().values())
     assert all(p.dtype == torch.float32 for p in tiny_lm.model.parameters())  # the shared model is not touched
+    lora = [mod for net in nets for mod in net.modules() if isinstance(mod, BaseTunerLayer)]
+    assert lora and not any(mod.cast_input_dtype_enabled for mod in lora)
     loss, grads = losses_and_grads(m, context)
     assert loss == reference[0]
     assert len(grads) == len(reference[1]) and all(torch.equal(a, b) for a, b in zip(grads, reference[1]))

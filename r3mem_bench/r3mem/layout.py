@@ -72,7 +72,8 @@ def kv_pass(decoder, past: torch.Tensor | None, embeds: torch.Tensor, start: int
     from transformers import DynamicCache
 
     T = embeds.shape[1]
-    cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past]) if past is not None else DynamicCache()
+    # unbind, not indexing: its backward stacks the layers' gradients once instead of writing each into zeros
+    cache = DynamicCache(ddp_cache_data=[kv.unbind(0) for kv in past.unbind(0)]) if past is not None else DynamicCache()
     positions = torch.arange(start, start + T, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
     out = decoder(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
     new_kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])

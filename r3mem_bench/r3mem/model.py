@@ -276,7 +276,7 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
         B, M = memory.shape[2], memory.shape[-2]
         caps = max_tokens if isinstance(max_tokens, list) else [int(max_tokens or self.cfg["recon_max_tokens"])] * B
         past = torch.cat([self._bos_kv("expand", B), memory.float()], dim=-2)
-        cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past])
+        cache = DynamicCache(ddp_cache_data=[kv.unbind(0) for kv in past.unbind(0)])
         x = self.ae_marker.view(1, 1, -1).expand(B, 1, -1)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B

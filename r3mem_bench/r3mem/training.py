@@ -35,20 +35,18 @@ class TrainingMixin:
         out = {}
         eos = torch.full((target.shape[0], 1), self.eos, device=target.device)
         full = torch.cat([target, eos], dim=1)
+        if self.cfg["w_recon"] > 0 or self.cfg["w_cycle"] > 0:
+            logits = self.expand_logits(memory, full)  # [B, T+1, V]
+            best = logits.detach().argmax(-1)  # [B, T+1]
         if self.cfg["w_recon"] > 0:
-            logits = self.expand_logits(memory, full)
-            nll = token_nll(logits, full)
-            out["recon"] = nll.mean()
-            out["recon_acc"] = (logits.argmax(-1) == full).float().mean().detach()
+            out["recon"] = token_nll(logits, full).mean()
+            out["recon_acc"] = (best == full).float().mean()
         if self.cfg["w_cycle"] > 0:
-            if "recon" not in out:
-                logits = self.expand_logits(memory, full)
             if self.cfg["train_cycle"] == "soft":
                 soft = logits[:, :-1].float().softmax(-1) @ self.embed.weight  # [B, T, d]
                 _, again = self.compress(None, prev.detach(), embeds=soft.to(self.embed.weight.dtype))
-            else:
-                guess = logits[:, :-1].argmax(-1).detach()  # the reconstruction, stop-gradient: [B, T]
-                _, again = self.compress(guess, prev.detach())
+            else:  # the reconstruction, stop-gradient: [B, T]
+                _, again = self.compress(best[:, :-1], prev.detach())
             out["cycle"] = (1 - F.cosine_similarity(again, memory.detach(), dim=-1)).mean()
         return out
 
@@ -142,7 +140,10 @@ class TrainingMixin:
         memory, lm_terms = self.empty_memory(M, batch=docs[0].shape[0]), []
         written: list[tuple[torch.Tensor, torch.Tensor]] = []  # (memory before, memory after) each segment
         for t, tokens in enumerate(docs):
-            nll, logits, new = self._lm_nll(memory, tokens, write=True)
+            if t == 0:  # the first segment's LM loss is not used (its KL to the base model is, if weighted)
+                logits, new = self.read(tokens, memory, write=True)
+            else:
+                nll, logits, new = self._lm_nll(memory, tokens, write=True)
             if t == 0 and c["w_kl"] > 0:
                 with torch.no_grad(), self.net.disable_adapter():
                     bos = torch.full((tokens.shape[0], 1), self.bos, device=dev)
