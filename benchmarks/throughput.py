@@ -182,9 +182,10 @@ def combine(repeats: list[list[dict]], baselines: list[list[dict]]) -> list[dict
     return out
 
 
-def baseline_training(commit: str, model: str, threads: int, steps: int) -> list[dict]:
-    """The one-sample-per-pass fp32 rows of ``TRAINING`` timed on the code of ``commit``, in a child process on a
-    temporary git worktree (its package layout rebuilt from its pyproject), on this machine in this run."""
+def baseline_training(commit: str, model: str, threads: int, steps: int, label: str | None = None) -> list[dict]:
+    """The one-sample-per-pass fp32 rows of ``TRAINING`` (those of ``label``, or all) timed on the code of
+    ``commit``, in a child process on a temporary git worktree (its package layout rebuilt from its pyproject), on
+    this machine in this run."""
     import json
     import subprocess
     import tempfile
@@ -203,7 +204,7 @@ def baseline_training(commit: str, model: str, threads: int, steps: int) -> list
             out = Path(tmp) / "rows.json"
             here = str(Path(__file__).resolve().parent)
             child = (f"import sys, json; sys.path.insert(0, {here!r}); import throughput as t; t.setup({threads}); "
-                     "rows = [r for r in t.TRAINING if r[4] == 'fp32' and r[5] == 1]; "
+                     f"rows = [r for r in t.TRAINING if r[4] == 'fp32' and r[5] == 1 and {label!r} in (None, r[0])]; "
                      f"json.dump(t.training_throughput({model!r}, {threads}, {steps}, rows), open({str(out)!r}, 'w'))")
             env = {**os.environ, "PYTHONPATH": str(code)}
             subprocess.run([sys.executable, "-c", child], check=True, cwd=tmp, env=env)
@@ -296,10 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.training_only:
         payload.update(scoring_and_generation(lm, args))
     baselines, repeats = [], []
-    for _ in range(args.repeats if args.train_steps else 0):  # baseline and current code alternate
-        if args.baseline_commit:
-            baselines.append(baseline_training(args.baseline_commit, args.model, args.threads, args.train_steps))
-        repeats.append(training_throughput(args.model, args.threads, args.train_steps))
+    labels = list(dict.fromkeys(row[0] for row in TRAINING))
+    for _ in range(args.repeats if args.train_steps else 0):  # per label: the baseline code, then the current one
+        base, current = [], []
+        for label in labels:
+            if args.baseline_commit:
+                base += baseline_training(args.baseline_commit, args.model, args.threads, args.train_steps, label)
+            current += training_throughput(args.model, args.threads, args.train_steps,
+                                           [row for row in TRAINING if row[0] == label])
+        baselines += [base] if args.baseline_commit else []
+        repeats.append(current)
     training = combine(repeats, baselines) if repeats else []
     baseline = combine(baselines, []) if baselines else []
     for row in baseline:
@@ -316,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                              "first step is not timed; its ceiling counts forward + backward as 3 forward passes of "
                              "GEMMs at the rate measured in the row's precision. training_baseline: the fp32 "
                              "one-sample-per-pass rows on the code of --baseline-commit, same machine and run, "
-                             "timed just before each repeat of the current code; tokens/s are medians over "
+                             "timed just before the current code's rows of the same step kind in each repeat; "
+                             "tokens/s are medians over "
                              "repeats, speed-ups medians of the ratios within a repeat.",
                     "baseline_commit": args.baseline_commit, "repeats": args.repeats})
     path = write_result("throughput_training" if args.training_only else "throughput", payload, args.out)
