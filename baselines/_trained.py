@@ -78,10 +78,18 @@ class TrainedBaseline(MemoryMethod):
         """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model; None for fresh weights
         (training, or ``untrained`` asked for); without either a one-line error naming the training command."""
         if not given and (self.options.get("untrained") or self.for_training):
-            return None
-        shipped = None if given else type(self).shipped_checkpoint(self.lm.name)
+            return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
+        shipped = None if given else self._shipped_for_run()
         return resolve_checkpoint(self.checkpoint_owner, given, self.config_file, shipped, self.lm.name,
-                                  " (or --method-arg untrained=true for the untrained control)")
+                                  f"{self._training_hint()} (or --method-arg untrained=true for the untrained control)")
+
+    def _shipped_for_run(self) -> Path | None:
+        """The shipped checkpoint this run loads when none is given."""
+        return type(self).shipped_checkpoint(self.lm.name)
+
+    def _training_hint(self) -> str:
+        """Options the missing-checkpoint error adds to its training command (none by default)."""
+        return ""
 
     @classmethod
     def shipped_checkpoint(cls, model: str) -> Path | None:

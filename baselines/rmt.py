@@ -65,7 +65,7 @@ from r3mem_bench.baselines._trained import TrainedBaseline
 from r3mem_bench.errors import UserError
 from r3mem_bench.method import Answer, AnswerNLL, tensor_bytes
 from r3mem_bench.methods.checkpoints import (SHIPPED, load_checkpoint_files, read_checkpoint_config,
-                                             resolve_checkpoint, save_checkpoint_files)
+                                             save_checkpoint_files)
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.scoring import token_nll
 
@@ -97,6 +97,7 @@ class RMT(TrainedBaseline):
 
     name = "rmt"
     checkpoint_owner = "rmt"  # rmt_reset reads the same checkpoint
+    config_file = CONFIG_FILE
     families = ("lm", "rag", "dialogue")
     description = "Recurrent Memory Transformer: M memory tokens carried across segments (LoRA + learned memory)"
     trainable = True
@@ -155,6 +156,13 @@ class RMT(TrainedBaseline):
         written = hidden[:, -m:]
         new_memory = self._at_embedding_scale(written)
         return logits, new_memory
+
+    def compile_for_training(self) -> None:
+        """``train --compile``: the decoder runs through ``torch.compile`` (inductor), which fuses the element-wise
+        work around the matrix products (norms, rotary, activations, autocast's casts); a training cell has one
+        shape, so it compiles once, on the first step. Rounding differs from eager mode (bf16 losses within about
+        1e-3 relative, ``results/benchmarks/throughput_training.json``)."""
+        self.decoder.compile()
 
     # ---- LM streams ----------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -232,15 +240,14 @@ class RMT(TrainedBaseline):
         return out
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def _checkpoint_dir(self, given) -> Path | None:
-        """The checkpoint to load: ``--checkpoint`` or the shipped one for this base model, if any."""
-        if not given and (self.options.get("untrained") or self.for_training):
-            return None  # untrained on request, and training starts from scratch (warm-start: checkpoint=DIR)
+    def _shipped_for_run(self) -> Path | None:
+        """The shipped checkpoint of the run's memory size (RMT's lookup, also for derived names, whose one-argument
+        ``shipped_checkpoint`` cannot see the options)."""
+        return RMT.shipped_checkpoint(self.lm.name, self.options)
+
+    def _training_hint(self) -> str:
         size = self.options.get("num_mem_tokens")
-        hint = f" with --method-arg num_mem_tokens={size}" if size is not None else ""
-        return resolve_checkpoint("rmt", given, CONFIG_FILE,
-                                  None if given else RMT.shipped_checkpoint(self.lm.name, self.options),
-                                  self.lm.name, f"{hint} (or --method-arg untrained=true for the untrained control)")
+        return f" with --method-arg num_mem_tokens={size}" if size is not None else ""
 
     @classmethod
     def shipped_checkpoint(cls, model: str, options: dict | None = None) -> Path | None:

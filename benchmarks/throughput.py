@@ -113,10 +113,12 @@ def prefill_throughput(lm, prompts: list[str], batch: int) -> tuple[float, int]:
 
 STAGE2 = {"lora_r": 16, "lora_alpha": 32, "level_probs": [1.0, 0.0, 0.0], "train_memory_sizes": [16],
           "train_memory_probs": [1.0]}
-TRAINING = [  # (label, method, segments, method options, precision, micro_batch, grad_accum)
-    ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
-    ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "fp32", 4, 1),
-    ("rmt", "rmt", 4, {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
+RMT_OPTS = {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}
+TRAINING = [  # (label, method, segments, method options, precision, micro_batch, grad_accum[, compile])
+    ("rmt", "rmt", 4, RMT_OPTS, "fp32", 1, 4),
+    ("rmt", "rmt", 4, RMT_OPTS, "fp32", 4, 1),
+    ("rmt", "rmt", 4, RMT_OPTS, "bf16", 4, 1),
+    ("rmt", "rmt", 4, RMT_OPTS, "bf16", 4, 1, True),  # train --compile
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 4, 1),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
@@ -129,8 +131,9 @@ TRAINING = [  # (label, method, segments, method options, precision, micro_batch
 
 
 def training_throughput(model: str, threads: int, steps: int, rows=None) -> list[dict]:
-    """Tokens/s of training steps (the first step is a warm-up and not counted) for each row of ``TRAINING``
-    (or ``rows``), with the ``r3mem_bench`` that is imported (the baseline run imports an older one)."""
+    """Tokens/s of training steps (the first step is a warm-up and not counted: it compiles, with ``compile``) for
+    each row of ``TRAINING`` (or ``rows``), with the ``r3mem_bench`` that is imported (the baseline run imports an
+    older one)."""
     import dataclasses
     import json
     import tempfile
@@ -139,21 +142,26 @@ def training_throughput(model: str, threads: int, steps: int, rows=None) -> list
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out = []
-    for label, method, segments, opts, precision, micro, accum in rows or TRAINING:
+    for label, method, segments, opts, precision, micro, accum, *flags in rows or TRAINING:
+        compiled = bool(flags and flags[0])
         with tempfile.TemporaryDirectory() as tmp:
             given = dict(method=method, model=model, steps=steps + 1, output=tmp, segment_len=128,
                          segments=segments, grad_accum=accum, micro_batch=micro, precision=precision,
-                         warmup=1, checkpoint_every=steps + 1, threads=threads, method_options=dict(opts))
+                         compile=compiled, warmup=1, checkpoint_every=steps + 1, threads=threads,
+                         method_options=dict(opts))
             # code without micro-batches or precision (the baseline) trains one fp32 sample per pass anyway
             cfg = TrainConfig(**{k: v for k, v in given.items() if k in fields})
             train(cfg, quiet=True)
-            log = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()][1:]
+            log = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
+        first, log = log[0], log[1:]
         seconds = sum(r["seconds"] for r in log)
         tokens = len(log) * micro * accum * segments * 128
         out.append({"label": label, "method": method, "precision": precision, "micro_batch": micro,
-                    "grad_accum": accum, "segments": segments, "steps": len(log), "seconds": seconds,
-                    "text_tokens_per_s": tokens / seconds, "losses": [r["loss"] for r in log]})
-        print(f"train {label} {precision} mb{micro} x{accum}: {tokens / seconds:,.0f} text tok/s", flush=True)
+                    "grad_accum": accum, "compile": compiled, "segments": segments, "steps": len(log),
+                    "seconds": seconds, "first_step_seconds": first["seconds"], "text_tokens_per_s": tokens / seconds,
+                    "losses": [first["loss"]] + [r["loss"] for r in log]})
+        print(f"train {label} {precision} mb{micro} x{accum}{' compiled' if compiled else ''}: "
+              f"{tokens / seconds:,.0f} text tok/s (first step {first['seconds']:.0f} s)", flush=True)
     return out
 
 

@@ -91,6 +91,7 @@ class TrainConfig:
     grad_accum: int = 1
     micro_batch: int = 1
     precision: str = "fp32"
+    compile: bool = False
     lr: float = 1e-3
     warmup: int = 20
     checkpoint_every: int = 25
@@ -263,8 +264,9 @@ def _load_resume(root: Path, params: dict[str, torch.nn.Parameter], opt: torch.o
 
 
 def _config_for_check(cfg: TrainConfig) -> dict:
-    """The parts of the config that must match to resume (not output, threads, checkpoint interval, step budget)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    """The parts of the config that must match to resume (not output, threads, checkpoint interval, step budget;
+    ``compile`` only when on, so runs recorded before the option existed still match)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE and not (k == "compile" and not v)}
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -286,6 +288,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     if cfg.micro_batch > 1 and not getattr(cls, "batched_training", False):
         raise UserError(f"--micro-batch {cfg.micro_batch}: method '{cfg.method}' trains one sample per pass; fix: "
                         "use --micro-batch 1 with --grad-accum for a larger batch")
+    if cfg.compile and not hasattr(cls, "compile_for_training"):
+        raise UserError(f"--compile: method '{cfg.method}' has no compiled training path; fix: drop --compile "
+                        "(methods with one: rmt)")
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     done_file = root / "train_done.json"
@@ -334,6 +339,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False, 
     if hasattr(method, "train"):
         method.train(True)
     precision = bf16_training(method) if cfg.precision == "bf16" else contextlib.nullcontext
+    if cfg.compile:
+        method.compile_for_training()  # compiles on the first step (its seconds count in the step's)
     state.setdefault("cpu_seconds", 0.0)
     step = state["step"]
     log_path = root / "train_log.jsonl"
@@ -471,6 +478,8 @@ def register(app: typer.Typer) -> None:
         micro_batch: int = typer.Option(1, "--micro-batch",
                                         help="Samples stacked into one forward pass (effective batch: micro-batch x grad-accum)."),
         precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (CPU autocast; frozen base weights stored in bf16, trained tensors fp32)."),
+        compile_: bool = typer.Option(False, "--compile", help="torch.compile the method's decoder (inductor, needs a C++ "
+                                      "compiler; the first step compiles, minutes). Methods: rmt."),
         lr: float = typer.Option(1e-3, "--lr", help="Base learning rate (methods may scale it per group)."),
         warmup: int = typer.Option(20, "--warmup"),
         checkpoint_every: int = typer.Option(25, "--checkpoint-every"),
@@ -493,7 +502,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = TrainConfig(method=method, model=model, data_mix=task or data_mix, data=data, steps=steps,
                           output=output, segment_len=segment_len, segments=segments, grad_accum=grad_accum,
-                          micro_batch=micro_batch, precision=precision, lr=lr,
+                          micro_batch=micro_batch, precision=precision, compile=compile_, lr=lr,
                           warmup=min(warmup, steps), checkpoint_every=checkpoint_every, seed=seed, threads=threads,
                           method_options=_parse_options(method_arg), init_from=init_from)
         if stop_after is not None and (stop_after <= 0 or stop_after % checkpoint_every):

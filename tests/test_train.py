@@ -216,6 +216,27 @@ def test_micro_batches_train_and_record_compute(tmp_path, corpus, method, extra)
     assert training["torch_threads"] == torch.get_num_threads()
 
 
+def test_compiled_rmt_training_matches_eager_within_rounding_and_other_methods_refuse(tmp_path, corpus):
+    """``--compile`` runs RMT's decoder through torch.compile (dynamo captures graphs) and gives the losses of eager
+    bf16 training within bf16 rounding, with the option recorded; a method without a compiled path refuses."""
+    from torch._dynamo.utils import counters
+
+    def losses(root):
+        return [json.loads(line)["loss"] for line in (root / "train_log.jsonl").read_text().splitlines()]
+
+    opts = {"num_mem_tokens": 2, "lora_r": 4}
+    eager = train(config(tmp_path / "eager", corpus, method="rmt", steps=2, micro_batch=2, precision="bf16",
+                         method_options=opts), quiet=True)
+    counters.clear()
+    compiled = train(config(tmp_path / "compiled", corpus, method="rmt", steps=2, micro_batch=2, precision="bf16",
+                            compile=True, method_options=opts), quiet=True)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-2)
+    assert json.loads((compiled / "rmt_config.json").read_text())["training"]["compile"] is True
+    with pytest.raises(UserError, match="--compile"):
+        train(config(tmp_path / "r3mem", corpus, compile=True), quiet=True)
+
+
 def test_micro_batch_draws_extend_single_sample_draws(tiny_lm, corpus):
     data = TrainingData("", tiny_lm.tokenizer, 12, 2, corpus)
     batch = data.batch(0, 5, 1, 3)  # micro-batch 1 of step 5: draws 3, 4, 5
