@@ -160,8 +160,8 @@ class RMT(TrainedBaseline):
     def compile_for_training(self) -> None:
         """``train --compile``: the decoder runs through ``torch.compile`` (inductor), which fuses the element-wise
         work around the matrix products (norms, rotary, activations, autocast's casts); a training cell has one
-        shape, so it compiles once, on the first step. Rounding differs from eager mode (bf16 losses within about
-        1e-3 relative, ``results/benchmarks/throughput_training.json``)."""
+        shape, so it compiles once, on the first step. Rounding differs from eager mode: the fused kernels keep
+        intermediates in float32 (``benchmarks/grad_precision.py`` compares both with float32 gradients)."""
         self.decoder.compile()
 
     # ---- LM streams ----------------------------------------------------------------------------------------
