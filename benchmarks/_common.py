@@ -18,6 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "benchmarks"
 
 
+def model_parser(doc: str):
+    """An argument parser (description: the first line of ``doc``) with the options of a benchmark of one model:
+    ``--model``, ``--threads``, ``--out``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    return ap
+
+
 def setup(threads: int) -> None:
     """Fix torch's CPU threads (the same for every contender of a benchmark)."""
     import torch

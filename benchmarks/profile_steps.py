@@ -10,13 +10,12 @@ element-wise, other) and the wall time not covered by operators (divided over th
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup, write_result
+from _common import model_parser, setup, write_result
 
 CATEGORIES = {  # first match wins; names are torch operator names
     "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"),
@@ -113,11 +112,7 @@ def cases(model: str, threads: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = model_parser(__doc__).parse_args(argv)
     setup(args.threads)
     results = {}
     for name, fn in cases(args.model, args.threads):

@@ -1,7 +1,7 @@
 """Throughput against the machine's GEMM ceiling: LM scoring tokens/s (``no_memory``'s ``batch_size``) and QA
 questions/s (``HFGenerator``'s ``batch_size``) at batch sizes 1, 4 and 16 next to lm-eval's ``hf`` model on the
 same text, QA prefill tokens/s, and training tokens/s of R3Mem and RMT in fp32 one sample per pass against bf16
-micro-batches at the same effective batch.
+micro-batches at the same effective batch (RMT also compiled, ``train --compile``).
 
 The ceiling is measured in the same run: fp32 matrix products of the model's own shapes (a forward pass's rows x
 each linear layer's in x out, and the output head), timed at the thread count of the run; the forward pass's

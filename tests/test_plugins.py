@@ -420,11 +420,15 @@ def test_entry_point_plugin_in_a_fresh_venv(tmp_path):
     """A separate plugin package, installed (editable, offline) into a new virtual environment that sees the
     installed r3mem_bench and torch, is listed and runs the default LM, RAG and dialogue tasks there, and its rows
     are in the report."""
-    import importlib.util
+    import importlib.metadata
 
     from r3mem_bench.report import collect, render
 
-    if importlib.util.find_spec("setuptools") is None or importlib.util.find_spec("pip") is None:
+    # metadata, not importlib.util.find_spec: setuptools' distutils shim answers find_spec("pip") by switching
+    # itself off for the rest of the process, and a later import of setuptools (torch.compile's) then fails
+    try:
+        importlib.metadata.version("setuptools"), importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
         pytest.skip("needs setuptools and pip in this interpreter's site-packages (they build the plugin offline)")
     pkg = tmp_path / "pkg"
     for rel, text in VENV_PLUGIN.items():
