@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "benchmarks"
+# RMT's training step in the benchmarks: LoRA rank 16, every sample at the full 4 segments (no curriculum stages)
+RMT_TRAINING = {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}
 
 
 def model_parser(doc: str):

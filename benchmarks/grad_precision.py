@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import model_parser, setup, write_result
+from _common import RMT_TRAINING, model_parser, setup, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def build():
         torch.manual_seed(0)
-        m = get_method_class("rmt")(lm, {"for_training": True, "lora_r": 16, "lora_alpha": 32, "curriculum": "4",
+        m = get_method_class("rmt")(lm, {"for_training": True, **RMT_TRAINING,
                                          "segment_len": 128, "train_segments": 4})
         m.train(True)
         with torch.no_grad():

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import model_parser, setup, write_result
+from _common import RMT_TRAINING, model_parser, setup, write_result
 
 CATEGORIES = {  # first match wins; names are torch operator names
     "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"),
@@ -69,7 +69,7 @@ def cases(model: str, threads: int):
     r3 = get_method_class("r3mem")(lm, {})
     rmt = get_method_class("rmt")(lm, {})
     torch.manual_seed(0)
-    rmt_train = get_method_class("rmt")(lm, {"for_training": True, "lora_r": 16, "lora_alpha": 32, "curriculum": "4",
+    rmt_train = get_method_class("rmt")(lm, {"for_training": True, **RMT_TRAINING,
                                              "segment_len": 128, "train_segments": 4})
     rmt_train.train(True)
     r3_train = get_method_class("r3mem")(lm, {"for_training": True, "lora_r": 16, "lora_alpha": 32,

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, LmEvalRolling, lm_docs, lm_task, plot, setup, write_result
+from _common import RMT_TRAINING, ROOT, LmEvalRolling, lm_docs, lm_task, plot, setup, write_result
 
 BATCHES = (1, 4, 16)
 
@@ -113,12 +113,11 @@ def prefill_throughput(lm, prompts: list[str], batch: int) -> tuple[float, int]:
 
 STAGE2 = {"lora_r": 16, "lora_alpha": 32, "level_probs": [1.0, 0.0, 0.0], "train_memory_sizes": [16],
           "train_memory_probs": [1.0]}
-RMT_OPTS = {"curriculum": "4", "lora_r": 16, "lora_alpha": 32}
 TRAINING = [  # (label, method, segments, method options, precision, micro_batch, grad_accum[, compile])
-    ("rmt", "rmt", 4, RMT_OPTS, "fp32", 1, 4),
-    ("rmt", "rmt", 4, RMT_OPTS, "fp32", 4, 1),
-    ("rmt", "rmt", 4, RMT_OPTS, "bf16", 4, 1),
-    ("rmt", "rmt", 4, RMT_OPTS, "bf16", 4, 1, True),  # train --compile
+    ("rmt", "rmt", 4, RMT_TRAINING, "fp32", 1, 4),
+    ("rmt", "rmt", 4, RMT_TRAINING, "fp32", 4, 1),
+    ("rmt", "rmt", 4, RMT_TRAINING, "bf16", 4, 1),
+    ("rmt", "rmt", 4, RMT_TRAINING, "bf16", 4, 1, True),  # train --compile
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 1, 4),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "fp32", 4, 1),
     ("r3mem stage 1", "r3mem", 1, {"recon_warmup_steps": 1000, "w_cycle": 0, "lora_r": 16, "lora_alpha": 32}, "bf16", 4, 1),
@@ -332,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                              "GEMMs at the rate measured in the row's precision. training_baseline: the fp32 "
                              "one-sample-per-pass rows on the code of --baseline-commit, same machine and run, "
                              "timed just before the current code's rows of the same step kind in each repeat; "
-                             "tokens/s are medians over "
-                             "repeats, speed-ups medians of the ratios within a repeat.",
+                             "tokens/s are medians over repeats, speed-ups medians of the ratios within a repeat.",
                     "baseline_commit": args.baseline_commit, "repeats": args.repeats})
     path = write_result("throughput_training" if args.training_only else "throughput", payload, args.out)
     print(f"wrote {path}")

@@ -65,6 +65,14 @@ def rotate_keys(keys: torch.Tensor, shift: int | torch.Tensor, rotary) -> torch.
     return keys * cos + rotated * sin
 
 
+def kv_cache(past: torch.Tensor):
+    """A transformers ``DynamicCache`` holding ``past`` KV [L, 2, B, H, P, D] (unbound, not indexed: the backward of
+    unbind stacks the layers' gradients once instead of writing each into zeros of the whole tensor)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[kv.unbind(0) for kv in past.unbind(0)])
+
+
 def kv_pass(decoder, past: torch.Tensor | None, embeds: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``decoder`` (a transformers decoder stack) over ``embeds`` [B, T, d] at positions start.. after ``past`` KV
     [L, 2, B, H, P, D] (RoPE'd keys). Returns the last hidden states [B, T, d] and the new keys/values
@@ -72,8 +80,7 @@ def kv_pass(decoder, past: torch.Tensor | None, embeds: torch.Tensor, start: int
     from transformers import DynamicCache
 
     T = embeds.shape[1]
-    # unbind, not indexing: its backward stacks the layers' gradients once instead of writing each into zeros
-    cache = DynamicCache(ddp_cache_data=[kv.unbind(0) for kv in past.unbind(0)]) if past is not None else DynamicCache()
+    cache = kv_cache(past) if past is not None else DynamicCache()
     positions = torch.arange(start, start + T, device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
     out = decoder(inputs_embeds=embeds, cache=cache, position_ids=positions, use_cache=True)
     new_kv = torch.stack([torch.stack([layer.keys[:, :, -T:], layer.values[:, :, -T:]]) for layer in cache.layers])

@@ -15,8 +15,8 @@ from r3mem_bench.method import MemoryMethod, tensor_bytes
 from r3mem_bench.methods.checkpoints import SHIPPED, lora_copy, resolve_checkpoint
 from r3mem_bench.methods.registry import register_method
 from r3mem_bench.r3mem.layout import (ARCH_DEFAULTS, CHECKPOINT_FORMAT, META, ONE_VALUE_ARCH, QA_READERS, RUN_DEFAULTS,
-                                      SLOT_POSITIONS, TRAIN_CHOICES, WEIGHTS, arch_problem, kv_pass, repeated_ngram_ends, rotate_keys, slot_order,
-                                      trained_arch)
+                                      SLOT_POSITIONS, TRAIN_CHOICES, WEIGHTS, arch_problem, kv_cache, kv_pass,
+                                      repeated_ngram_ends, rotate_keys, slot_order, trained_arch)
 from r3mem_bench.r3mem.qa import QAMixin
 from r3mem_bench.r3mem.training import TrainingMixin
 from r3mem_bench.scoring import token_nll
@@ -270,13 +270,11 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
     @torch.no_grad()
     def reconstruct_ids(self, memory: torch.Tensor, max_tokens: int | list[int] | None = None) -> list[list[int]]:
         """Greedy decoding of each memory in the batch [L,2,B,H,M,D] until EOS or ``max_tokens``."""
-        from transformers import DynamicCache
-
         self._use("expand")
         B, M = memory.shape[2], memory.shape[-2]
         caps = max_tokens if isinstance(max_tokens, list) else [int(max_tokens or self.cfg["recon_max_tokens"])] * B
         past = torch.cat([self._bos_kv("expand", B), memory.float()], dim=-2)
-        cache = DynamicCache(ddp_cache_data=[kv.unbind(0) for kv in past.unbind(0)])
+        cache = kv_cache(past)
         x = self.ae_marker.view(1, 1, -1).expand(B, 1, -1)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
