@@ -337,6 +337,12 @@ def test_ablations_each_remove_one_part_and_draw_the_same_samples(tiny_lm):
     assert no_cycle["loss"] == pytest.approx(full["loss"] - 0.5 * full["cycle"])
 
 
+def test_no_hier_moves_the_hierarchy_levels_to_the_document_and_keeps_the_qa_share(tiny_lm):
+    flat = get_method_class("r3mem_no_hier")(tiny_lm, {**TRAIN_OPTS, "level_probs": [0.42, 0.14, 0.14, 0.3]})
+    assert flat.cfg["level_probs"] == pytest.approx([0.7, 0.0, 0.0, 0.3])
+    assert get_method_class("r3mem_no_hier")(tiny_lm, dict(TRAIN_OPTS)).cfg["level_probs"] == [1.0, 0.0, 0.0]
+
+
 def test_recon_warmup_stage_trains_only_the_autoencoder(tiny_lm):
     m = trainee(tiny_lm, recon_warmup_steps=2)
     m.train_step = 0

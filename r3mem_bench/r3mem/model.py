@@ -54,8 +54,9 @@ class R3Mem(QAMixin, TrainingMixin, MemoryMethod):
                     **self.loss_overrides}
         if "memory_tokens" not in opts:  # default 16, or all the slots of a smaller checkpoint
             self.cfg["memory_tokens"] = min(RUN_DEFAULTS["memory_tokens"], int(self.cfg["max_memory_tokens"]))
-        if not self.hierarchy:
-            self.cfg["level_probs"] = [1.0, 0.0, 0.0]
+        if not self.hierarchy:  # document pairs only; a QA share (fourth entry) stays, so the QA budget is matched
+            qa_share = [float(p) for p in self.cfg["level_probs"][3:]]
+            self.cfg["level_probs"] = [1.0 - sum(qa_share), 0.0, 0.0, *qa_share]
         self.M = int(self.cfg["memory_tokens"])
         for key, value in ONE_VALUE_ARCH.items():
             if self.cfg[key] != value:

@@ -8,7 +8,8 @@ from r3mem_bench.r3mem.model import R3Mem
 
 @register_method
 class R3MemNoHier(R3Mem):
-    """Ablation: no hierarchy. Trained on document-level pairs only; QA keeps only the recurrent document memory."""
+    """Ablation: no hierarchy. Trained on document-level pairs only (a recipe's QA share is kept: the paragraph and
+    entity shares go to the document level); QA keeps only the recurrent document memory."""
 
     name = "r3mem_no_hier"
     description = "R3Mem without hierarchy (document-level memory only; train it separately for training effects)"
