@@ -2,8 +2,9 @@
 
     python results/r3mem/backward/table.py
 
-Rows: the matched rerun of the shipped recipe and the ablation without the backward path (their runs in
-../ablations), and each backward-path variant here (``<variant>/<task>/r3mem``). Perplexity after the first
+Rows: the matched rerun of the earlier second stage (w_recon 1, no QA samples), the same stage without the
+backward path, and each backward-path variant (``<variant>/<task>/<method>``; training records in
+``<variant>/checkpoint/``). Perplexity after the first
 segment with the paired bootstrap 95% interval over documents (WikiText-2) or segments (pydoc, 3 documents)
 against the matched rerun and against the equal-state window (../heldout); teacher-forced reconstruction token
 accuracy (and, where decoded, greedy ROUGE-L) at M = 32 on ../recon_heldout_2k.txt, the empty memory's in
@@ -21,10 +22,9 @@ from r3mem_bench import stats
 HERE = Path(__file__).resolve().parent
 R3 = HERE.parent
 VARIANTS = [  # (label, run root or None, reconstruction report, training record)
-    ("r3mem (rerun): w_recon 1, argmax cycle 0.2, last segment", R3 / "ablations", HERE / "rerun",
-     R3.parent / "checkpoints/r3mem-rerun-smollm2-135m"),
-    ("r3mem_no_recon: w_recon 0, no cycle", R3 / "ablations", HERE / "no_recon",
-     R3.parent / "checkpoints/r3mem_no_recon-smollm2-135m"),
+    ("r3mem (rerun): w_recon 1, argmax cycle 0.2, last segment", HERE / "rerun", HERE / "rerun",
+     HERE / "rerun/checkpoint"),
+    ("r3mem_no_recon: w_recon 0, no cycle", HERE / "no_recon", HERE / "no_recon", HERE / "no_recon/checkpoint"),
     ("w_recon 0.3", HERE / "wrecon03", HERE / "wrecon03", HERE / "wrecon03/checkpoint"),
     ("soft cycle, w_cycle 1.0", HERE / "softcycle", HERE / "softcycle", HERE / "softcycle/checkpoint"),
     ("reconstruct every segment", HERE / "reconall", HERE / "reconall", HERE / "reconall/checkpoint"),
@@ -53,7 +53,7 @@ def main() -> None:
     print("| variant | WikiText-2 ppl | Δ vs rerun | Δ vs window@r3mem | pydoc ppl | Δ vs rerun | recon acc M=32 (empty) "
           "| ROUGE-L M=32 (empty) | stage-2 wall / CPU s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    control = {t: rows(R3 / "ablations" / t / "r3mem") for t in ("wikitext2", "pydoc_heldout")}
+    control = {t: rows(HERE / "rerun" / t / "r3mem") for t in ("wikitext2", "pydoc_heldout")}
     window = {t: rows(R3 / "heldout" / t / "window@r3mem") for t in ("wikitext2", "pydoc_heldout")}
     for label, root, recon, record in VARIANTS:
         cells = []
@@ -64,7 +64,7 @@ def main() -> None:
                 continue
             rs = rows(run)
             cells.append(f"{ppl(rs):.2f}")
-            cells.append("—" if root == R3 / "ablations" and label.startswith("r3mem (rerun)") else diff(rs, control[task], unit))
+            cells.append("—" if label.startswith("r3mem (rerun)") else diff(rs, control[task], unit))
             if task == "wikitext2":
                 cells.append(diff(rs, window[task], unit))
         report = recon / "reconstruct_M32.json"
