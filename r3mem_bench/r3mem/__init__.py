@@ -78,9 +78,8 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
   reconstructed and the reconstructions are the context of the shared prompt. ``qa_reader=memory`` (variant
   ``r3mem_kv``): the answer is read, as gist tokens and ICAE condition generation do, directly after the chosen
   memories' key/values, ``[BOS][memories][read marker][closed-book prompt]``, through the reading adapter (as many
-  memories as fit in ``max_memory_tokens`` slots); no text context. The shipped recipe trains no QA objective
-  (the QA level below is an option): its reader has only learned to continue the compressed text. Stored
-  memories are float16.
+  memories as fit in ``max_memory_tokens`` slots); no text context. The QA level below trains this reader (the
+  shipped recipe gives it 30% of the second stage's samples). Stored memories are float16.
 * QA pairs as a fourth level (``level_probs`` with a fourth share, off by default): a question of the bundled
   ``wiki_train_qa`` pairs (the questions behind the ``wiki_train`` documents, with the passages that answer
   them), each passage compressed into its own memory, and the gold answer's NLL read after
@@ -91,7 +90,7 @@ Design choices made here to fill the gaps (see ../shared/design/r3mem.md for the
 * Variants: ``r3mem_kv`` (QA answered from the memories' key/values, above), ``r3mem_reset`` (same weights,
   memory emptied at every segment: the adapter's share),
   ``r3mem_no_recon`` (no reconstruction and no cycle loss), ``r3mem_no_cycle`` (reconstruction kept, cycle
-  loss off) and ``r3mem_no_hier`` (document-level pairs only; QA keeps one recurrent memory). The ablations
+  loss off) and ``r3mem_no_hier`` (document-level pairs only, a QA share kept; QA keeps one recurrent memory). The ablations
   change training: each loads its own shipped checkpoint (``results/checkpoints/<variant>-<model>``) when there
   is one, else R3Mem's (then it differs from ``r3mem`` only at inference). The shipped ones are matched: the
   shipped recipe's second stage (same stage-1 initialisation, layout, data, steps, schedule, seed and thread
