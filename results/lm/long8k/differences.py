@@ -3,11 +3,11 @@ and (documents of 64 segments) the second half against the first, from committed
 
     python results/lm/long8k/differences.py                                  # results/lm/long8k/README.md
     python results/lm/long8k/differences.py results/r3mem/heldout/wikitext2  # the README's beyond-window numbers
-    python results/lm/long8k/differences.py results/r3mem/ablations/wikitext2 r3mem_no_recon:r3mem \
-        r3mem:results/r3mem/heldout/wikitext2/r3mem ...   # pairs A:B (a name with '/' is a run directory)
+    python results/lm/long8k/differences.py results/r3mem/ablations/wikitext2 \
+        r3mem_no_recon:results/r3mem/heldout/wikitext2/r3mem ...   # pairs A:B (a name with '/' is a run directory)
     python results/lm/long8k/differences.py results/r3mem/ablations/qa/needle \
-        "r3mem_no_recon:qa_reader=memory::r3mem_kv"   # QA runs (answer_nll, choice_acc, recall); '::' splits
-                                                      # names that hold ':'
+        "r3mem_no_recon:qa_reader=memory::results/qa_likelihood/needle/r3mem_kv"   # QA runs (answer_nll,
+                                                      # choice_acc, recall); '::' splits names that hold ':'
 """
 
 from __future__ import annotations
