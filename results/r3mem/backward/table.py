@@ -21,17 +21,16 @@ from r3mem_bench import stats
 
 HERE = Path(__file__).resolve().parent
 R3 = HERE.parent
-VARIANTS = [  # (label, run root or None, reconstruction report, training record)
-    ("r3mem (rerun): w_recon 1, argmax cycle 0.2, last segment", HERE / "rerun", HERE / "rerun",
-     HERE / "rerun/checkpoint"),
-    ("r3mem_no_recon: w_recon 0, no cycle", HERE / "no_recon", HERE / "no_recon", HERE / "no_recon/checkpoint"),
-    ("w_recon 0.3", HERE / "wrecon03", HERE / "wrecon03", HERE / "wrecon03/checkpoint"),
-    ("soft cycle, w_cycle 1.0", HERE / "softcycle", HERE / "softcycle", HERE / "softcycle/checkpoint"),
-    ("reconstruct every segment", HERE / "reconall", HERE / "reconall", HERE / "reconall/checkpoint"),
-    ("w_recon 0.3 + every segment", HERE / "w03all", HERE / "w03all", HERE / "w03all/checkpoint"),
-    ("QA level, share 0.3", HERE / "qalevel", HERE / "qalevel", HERE / "qalevel/checkpoint"),
+CONTROL = "rerun"  # the matched rerun: the other rows' differences are against it
+VARIANTS = [  # (label, directory here: <task>/<method>/ runs, reconstruct_M32.json, checkpoint/r3mem.json; method)
+    ("r3mem (rerun): w_recon 1, argmax cycle 0.2, last segment", "rerun", "r3mem"),
+    ("r3mem_no_recon: w_recon 0, no cycle", "no_recon", "r3mem_no_recon"),
+    ("w_recon 0.3", "wrecon03", "r3mem"),
+    ("soft cycle, w_cycle 1.0", "softcycle", "r3mem"),
+    ("reconstruct every segment", "reconall", "r3mem"),
+    ("w_recon 0.3 + every segment", "w03all", "r3mem"),
+    ("QA level, share 0.3", "qalevel", "r3mem"),
 ]
-METHOD = {"r3mem_no_recon: w_recon 0, no cycle": "r3mem_no_recon"}
 
 
 def rows(path: Path) -> list[dict]:
@@ -53,30 +52,32 @@ def main() -> None:
     print("| variant | WikiText-2 ppl | Δ vs rerun | Δ vs window@r3mem | pydoc ppl | Δ vs rerun | recon acc M=32 (empty) "
           "| ROUGE-L M=32 (empty) | stage-2 wall / CPU s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    control = {t: rows(HERE / "rerun" / t / "r3mem") for t in ("wikitext2", "pydoc_heldout")}
+    control = {t: rows(HERE / CONTROL / t / "r3mem") for t in ("wikitext2", "pydoc_heldout")}
     window = {t: rows(R3 / "heldout" / t / "window@r3mem") for t in ("wikitext2", "pydoc_heldout")}
-    for label, root, recon, record in VARIANTS:
+    for label, name, method in VARIANTS:
+        variant = HERE / name
         cells = []
         for task, unit in (("wikitext2", "document"), ("pydoc_heldout", "segment")):
-            run = root / task / METHOD.get(label, "r3mem")
+            run = variant / task / method
             if not run.is_dir():
                 cells += ["—"] * (3 if task == "wikitext2" else 2)
                 continue
             rs = rows(run)
             cells.append(f"{ppl(rs):.2f}")
-            cells.append("—" if label.startswith("r3mem (rerun)") else diff(rs, control[task], unit))
+            cells.append("—" if name == CONTROL else diff(rs, control[task], unit))
             if task == "wikitext2":
                 cells.append(diff(rs, window[task], unit))
-        report = recon / "reconstruct_M32.json"
+        report = variant / "reconstruct_M32.json"
         if report.exists():
             r = json.loads(report.read_text())
             rouge = "—" if r["rouge_l"] is None else f"{r['rouge_l']:.3f} ({r['empty_memory_rouge_l']:.3f})"
             cells += [f"{r['token_accuracy']:.3f} ({r['empty_memory_token_accuracy']:.3f})", rouge]
         else:
             cells += ["—", "—"]
-        if not (record / "r3mem.json").exists():
+        record = variant / "checkpoint" / "r3mem.json"
+        if not record.exists():
             continue
-        meta = json.loads((record / "r3mem.json").read_text())["training"]
+        meta = json.loads(record.read_text())["training"]
         cells.append(f"{meta['seconds']:,.0f} / {meta['cpu_seconds']:,.0f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
