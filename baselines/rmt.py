@@ -304,3 +304,8 @@ class RMTReset(RMT):
     name = "rmt_reset"
     description = "RMT adapter, memory emptied at every segment (control)"
     reset_each_segment = True
+
+    def ingest(self, items) -> None:
+        """Nothing to read: every answer starts from the learned initial memory, which no segment changes when the
+        memory is re-initialised at every segment (so the reading's cost is not counted either, as ICAE's and
+        Activation Beacon's reset controls count none)."""

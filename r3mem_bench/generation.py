@@ -7,8 +7,8 @@ same interface. Prompts go through the tokenizer's chat template when it has one
 Answer likelihood (the QA families' ``answer_nll`` and ``choice_acc``) scores texts as continuations of the same
 encoded prompt the generator would answer from: ``HFGenerator.continuation_ids`` tokenises an answer as the
 model would emit it after that prompt (plain tokens after a chat template's assistant header; with a leading
-space after a plain-text prompt) and :func:`continuation_nll` runs the prompt once, then every continuation on
-its KV cache.
+space after a plain-text prompt) and :func:`continuation_nll` runs the prompt once (its leading blocks reused
+from the previous prompt through a ``PromptCache``), then every continuation in one packed pass on its KV cache.
 """
 
 from __future__ import annotations
@@ -120,15 +120,87 @@ class HFGenerator(Generator):
         return out
 
 
+class PromptCache:
+    """The key/values of the last prompt :func:`continuation_nll` read, kept for the next call.
+
+    Prompts are read in blocks of ``block`` tokens aligned at position 0, so a prompt's key/values are the same
+    tensors whether its leading blocks were read now or kept from an earlier prompt that shared them: reuse
+    changes no number, only the time (full-context QA asks several questions after one long corpus prefix).
+    Only the last prompt is kept (one key/value copy of it); its blocks up to the one holding the new prompt's
+    last token are reused when the token ids agree.
+    """
+
+    block = 256
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (keys, values) [1, H, P, D]
+
+    def reusable(self, ids: list[int]) -> int:
+        """Tokens of ``ids`` whose key/values can be taken from the kept prompt: whole shared blocks that end
+        before ``ids``' last token (whose logits the call needs)."""
+        shared = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            shared += 1
+        return min(shared, len(ids) - 1) // self.block * self.block
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int | None = None):
+    """A ``DynamicCache`` holding the first ``length`` positions of ``layers`` (all when None; views, nothing is
+    copied: a pass on the cache concatenates into new tensors and leaves ``layers`` as they are)."""
+    from transformers import DynamicCache
+
+    data = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+    return DynamicCache(ddp_cache_data=data) if data else DynamicCache()
+
+
+def _layers_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a transformers cache."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in zip(cache.key_cache, cache.value_cache)]
+
+
+def padded_continuations(continuations: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-empty continuations as one batch: (inputs [N, C-1], every token but each row's last, right-padded
+    with ``pad``; targets [N, C], right-padded with -100, which cross-entropy ignores), C the longest length.
+    Right padding leaves every real position's logits as an unpadded pass computes them (attention is causal)."""
+    width = max(len(ids) for ids in continuations)
+    targets = torch.full((len(continuations), width), -100, dtype=torch.long)
+    inputs = torch.full((len(continuations), max(width - 1, 0)), pad, dtype=torch.long)
+    for i, ids in enumerate(continuations):
+        targets[i, :len(ids)] = torch.tensor(ids)
+        inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+    return inputs, targets
+
+
+def batched_nll(last: torch.Tensor, step_logits: torch.Tensor | None, targets: torch.Tensor,
+                continuations: list[list[int]]) -> list[tuple[float, int]]:
+    """(mean per-token NLL, token count) of each continuation from the prompt's last logits ``last`` [1, V],
+    the batched pass's logits ``step_logits`` [N, C-1, V] (None when every continuation is one token) and the
+    padded ``targets`` [N, C]; empty continuations give ``(nan, 0)`` in their places."""
+    n = targets.shape[0]
+    logits = last.reshape(1, 1, -1).expand(n, 1, -1)
+    if step_logits is not None:
+        logits = torch.cat([logits, step_logits], dim=1)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(logits.device), reduction="none").sum(1)
+    sums = iter(nll.tolist())
+    return [(next(sums) / len(ids), len(ids)) if ids else (float("nan"), 0) for ids in continuations]
+
+
 @torch.no_grad()
 def continuation_nll(model, continuations: list[list[int]], prompt_ids: list[int] | None = None,
-                     prompt_embeds: torch.Tensor | None = None) -> list[tuple[float, int]]:
+                     prompt_embeds: torch.Tensor | None = None,
+                     prompt_cache: PromptCache | None = None) -> list[tuple[float, int]]:
     """(mean per-token NLL in nats, token count) of each continuation after one shared prompt.
 
     The prompt (token ids, or input embeddings [1, P, H] for methods that splice vectors into it) goes through
-    ``model`` once with a KV cache; each continuation is then run on that cache, which is cropped back to the
-    prompt afterwards. Its first token is predicted from the prompt's last position. An empty continuation
-    gives ``(nan, 0)``; no continuation runs nothing.
+    ``model`` once with a KV cache (token ids in ``PromptCache.block``-token blocks, the leading ones taken from
+    ``prompt_cache`` when it holds them); the continuations then run packed into one row on that cache
+    (``packed_continuations``). Each continuation's first token is predicted from the prompt's last position. An
+    empty continuation gives ``(nan, 0)``; no continuation runs nothing.
     """
     if not continuations:
         return []
@@ -138,26 +210,50 @@ def continuation_nll(model, continuations: list[list[int]], prompt_ids: list[int
     keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})  # last logits only
     if prompt_embeds is not None:
         out = model(inputs_embeds=prompt_embeds.to(device), use_cache=True, **keep)
-        n_prompt = prompt_embeds.shape[1]
+        layers = _layers_of(getattr(out, "cache", None) or out.past_key_values)
     else:
-        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long, device=device), use_cache=True, **keep)
-        n_prompt = len(prompt_ids)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    last = out.logits[:, -1:]
-    scores = []
-    for ids in continuations:
-        if not ids:
-            scores.append((float("nan"), 0))
-            continue
-        target = torch.tensor([ids], dtype=torch.long, device=device)
-        logits = last
-        if len(ids) > 1:
-            step = model(input_ids=target[:, :-1], use_cache=True, **{cache_arg: cache})
-            logits = torch.cat([last, step.logits], dim=1)
-            cache.crop(-(cache.get_seq_length() - n_prompt))  # negative: drop that many (old and new APIs)
-        nll = F.cross_entropy(logits[0].float(), target[0], reduction="sum")
-        scores.append((float(nll) / len(ids), len(ids)))
-    return scores
+        ids = list(prompt_ids)
+        start = prompt_cache.reusable(ids) if prompt_cache is not None else 0
+        cache = _cache_of(prompt_cache.layers, start) if start else None
+        block = PromptCache.block
+        for pos in range(start, len(ids), block):
+            chunk = torch.tensor([ids[pos:pos + block]], dtype=torch.long, device=device)
+            out = model(input_ids=chunk, use_cache=True, **keep, **({cache_arg: cache} if cache is not None else {}))
+            cache = getattr(out, "cache", None) or out.past_key_values
+        layers = _layers_of(cache)
+        if prompt_cache is not None:
+            prompt_cache.ids, prompt_cache.layers = ids, layers
+    last = out.logits[:, -1]  # [1, V]
+    filled = [ids for ids in continuations if ids]
+    if not filled:
+        return [(float("nan"), 0)] * len(continuations)
+    n_prompt = layers[0][0].shape[2] if layers else 0
+    inputs, positions, mask = packed_continuations(filled, n_prompt, dtype=last.dtype)
+    rows = [last[:0]] * len(filled)  # per continuation: logits after each of its tokens but the last [C-1, V]
+    if inputs.shape[1]:
+        step = model(input_ids=inputs.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                     use_cache=True, **{cache_arg: _cache_of(layers)})
+        rows = step.logits[0].split([len(ids) - 1 for ids in filled])
+    scores = iter([float(F.cross_entropy(torch.cat([last, own]).float(), torch.tensor(ids, device=device),
+                                         reduction="sum")) / len(ids) for ids, own in zip(filled, rows)])
+    return [(next(scores), len(ids)) if ids else (float("nan"), 0) for ids in continuations]
+
+
+def packed_continuations(continuations: list[list[int]], n_prompt: int, dtype=torch.float32
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every continuation but its last token, packed into one row after an ``n_prompt``-token prompt cache:
+    (input ids [1, Q], position ids [1, Q], each continuation restarting at ``n_prompt``; an additive attention
+    mask [1, 1, Q, n_prompt + Q] letting each token see the whole prompt and only its own continuation's earlier
+    tokens). One pass then scores all continuations as separate passes would, reading the prompt's key/values
+    once instead of once per continuation."""
+    lengths = [len(ids) - 1 for ids in continuations]
+    inputs = torch.tensor([[t for ids in continuations for t in ids[:-1]]], dtype=torch.long).reshape(1, -1)
+    offsets = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+    own = (owner[:, None] == owner[None, :]) & (offsets[:, None] >= offsets[None, :])  # [Q, Q]
+    allowed = torch.cat([torch.ones(len(owner), n_prompt, dtype=torch.bool), own], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return inputs, (n_prompt + offsets).reshape(1, -1), mask[None, None]
 
 
 def make_prompt(params: dict) -> PromptTemplate:

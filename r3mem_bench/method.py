@@ -91,6 +91,7 @@ class MemoryMethod(ABC):
     preset_options: ClassVar[dict] = {}  # options a derived name fixes (``r3mem:memory_tokens=4``); they win
     ingest_cache = None  # r3mem_bench.ingest_cache.IngestCache of the run (set by the runner), or None
     ingest_log = None  # callable(str) printing ingest progress to stderr (set by the runner), or None
+    _prompt_cache = None  # r3mem_bench.generation.PromptCache of the likelihood prompts (made on first use)
 
     def __init__(self, lm: LoadedModel, options: dict[str, Any] | None = None, generator=None, prompt=None):
         self.lm = lm
@@ -218,7 +219,7 @@ class MemoryMethod(ABC):
     def prompt_answer_nll(self, question: str, texts: list[str], now: float | None = None,
                           given: Answer | None = None) -> AnswerNLL:
         """The prompt path of ``answer_nll``, for a method whose ``answer`` uses the shared prompt (or may)."""
-        from r3mem_bench.generation import continuation_nll
+        from r3mem_bench.generation import PromptCache, continuation_nll
 
         if given is not None:
             context, ids = given.context, list(given.retrieved_ids)
@@ -231,7 +232,9 @@ class MemoryMethod(ABC):
         prompt_ids = prompt_ids[-room:]
         if given is None:
             self.tokens_processed += len(prompt_ids)
-        scored = continuation_nll(self.lm.model, conts, prompt_ids=prompt_ids)
+        if self._prompt_cache is None:
+            self._prompt_cache = PromptCache()  # full_context's questions share the corpus prefix
+        scored = continuation_nll(self.lm.model, conts, prompt_ids=prompt_ids, prompt_cache=self._prompt_cache)
         return AnswerNLL([s for s, _ in scored], [n for _, n in scored], len(prompt_ids), ids, context)
 
 

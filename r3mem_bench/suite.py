@@ -19,6 +19,7 @@ finished examples), then writes the report (tables in ``<output>/report``, figur
       - wikitext2                                  # a task or family name
       - {task: needle, limit: 8, params: {max_new_tokens: 16}}
       - {task: locomo, data: data/locomo10.json}  # a local data file (relative to this file)
+      - {task: persona, limit: 200, methods: [no_memory, vector_rag]}   # only these of the suite's methods
     methods:
       - no_memory
       - {method: full_context, args: {max_context: 2048}}
@@ -27,7 +28,9 @@ finished examples), then writes the report (tables in ``<output>/report``, figur
       metrics: [ppl_after_first, f1]
       tolerances: {ppl_after_first: {rel: 0.002}, f1: {abs: 0.02}}
 
-A method that does not apply to a task's family is skipped for that task, as in ``run``.
+A method that does not apply to a task's family is skipped for that task, as in ``run``; a task entry's
+``methods`` (names from the suite's ``methods``) runs only those on it, so one suite can score many questions
+with the methods a QA comparison needs and every control on the cheaper tasks.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from r3mem_bench.errors import CheckFailed, UserError
 
 SUITE_KEYS = {"suite", "description", "model", "models", "seeds", "seed", "limit", "threads", "backend", "reference",
               "include_paths", "imports", "method_path", "resources", "tasks", "methods", "regress", "report"}
-TASK_KEYS = {"task", "params", "limit", "data"}
+TASK_KEYS = {"task", "params", "limit", "data", "methods"}
 METHOD_KEYS = {"method", "args", "checkpoint"}
 SUITE_FILE = "suite.yaml"
 
@@ -145,13 +148,24 @@ def parse_suite(raw: Any, source: str) -> Suite:
         raise _err(where, f"'method_path' must be a path or a list of paths, got {raw.get('method_path')!r}",
                    "write method_path: my_methods/ (relative to the suite file)")
     tasks = _records(raw.get("tasks"), "task", TASK_KEYS, where)
+    methods = _records(raw.get("methods"), "method", METHOD_KEYS, where)
+    listed = [m["method"] for m in methods]
     for t in tasks:
         if t.get("data"):
             t["data"] = str((base / str(t["data"])).resolve())
+        if "methods" in t:
+            chosen = t["methods"]
+            if not isinstance(chosen, list) or not chosen or not all(isinstance(m, str) for m in chosen):
+                raise _err(where, f"task '{t['task']}': 'methods' must be a non-empty list of method names",
+                           "write methods: [no_memory, vector_rag] or drop it (every method)")
+            unknown = [m for m in chosen if m not in listed]
+            if unknown:
+                raise _err(where, f"task '{t['task']}': method '{unknown[0]}' is not in the suite's methods",
+                           "add it to the suite's methods or remove it from the task's")
     name = str(raw.get("suite") or Path(source).stem)
     return Suite(name=name, source=source, raw=raw, models=[str(m) for m in models], seeds=seeds,
                  tasks=tasks,
-                 methods=_records(raw.get("methods"), "method", METHOD_KEYS, where), limit=limit,
+                 methods=methods, limit=limit,
                  threads=raw.get("threads"), backend=str(raw.get("backend", "auto")), reference=raw.get("reference"),
                  include_paths=include, imports=list(raw.get("imports") or []),
                  method_path=[str((base / p).resolve()) for p in method_path],
@@ -217,6 +231,8 @@ def cells(suite: Suite, output: str, strict: bool = True) -> list[dict]:
                 for m in suite.methods:
                     applies = classes[m["method"]]
                     if applies is not None and families[t["task"]] not in applies:
+                        continue
+                    if "methods" in t and m["method"] not in t["methods"]:
                         continue
                     cell = {"model": model, "seed": seed, "task": t["task"], "method": m["method"],
                             "params": dict(t.get("params") or {}), "args": dict(m.get("args") or {}),

@@ -286,3 +286,58 @@ def test_task_yaml_keys_and_params_that_nothing_reads_are_refused(tmp_path):
         TaskRegistry(include_paths=[str(tmp_path)]).resolve("my_needle")
     with pytest.raises(UserError, match="unknown parameter 'top_k'"):  # retrieval depth is a method option
         TaskRegistry().resolve("needle", {"top_k": 3})
+
+
+@torch.no_grad()
+def _separate_nll(model, prompt: list[int], cont: list[int]) -> float:
+    """Mean NLL of ``cont`` from one cache-free pass over prompt + continuation."""
+    logits = model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+    logp = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(cont)], dim=-1)
+    return float(-logp[torch.arange(len(cont)), torch.tensor(cont)].mean())
+
+
+def test_packed_continuations_and_reused_prompt_blocks_score_as_separate_passes(tiny_lm, monkeypatch):
+    from r3mem_bench.generation import PromptCache, continuation_nll
+
+    monkeypatch.setattr(PromptCache, "block", 8)
+    model = tiny_lm.model
+    prompt = [(17 * i) % 900 + 50 for i in range(29)]  # 3 whole blocks of 8 and a partial one
+    conts = [[5, 6, 7, 8], [9], [], [10, 11, 12, 13, 14, 15], [9, 4]]
+    plain = continuation_nll(model, conts, prompt_ids=prompt)
+    assert [n for _, n in plain] == [4, 1, 0, 6, 2]
+    assert plain[2][0] != plain[2][0]  # the empty continuation: nan
+    for (nll, _), cont in zip(plain, conts):
+        if cont:
+            assert nll == pytest.approx(_separate_nll(model, prompt, cont), abs=1e-5)
+
+    cache = PromptCache()
+    other = prompt[:20] + [3, 3, 3]  # shares 20 tokens: two whole blocks
+    continuation_nll(model, conts, prompt_ids=other, prompt_cache=cache)
+    assert cache.reusable(prompt) == 16
+    reused = continuation_nll(model, conts, prompt_ids=prompt, prompt_cache=cache)
+    assert [r for r in reused if r[1]] == [p for p in plain if p[1]]  # bit-identical, not just close
+    assert cache.ids == prompt
+    assert cache.reusable(prompt) == 24  # the block holding the last token is always read again
+    assert cache.reusable(prompt[:5]) == 0
+
+
+def test_continuations_after_a_key_value_prompt_score_as_separate_passes(tiny_lm):
+    from r3mem_bench.r3mem.layout import continuation_nll_after, kv_pass
+
+    model = tiny_lm.model
+    embed, head = model.get_input_embeddings(), model.lm_head
+    decoder = model.model
+
+    def step(past, x, pos):
+        return kv_pass(decoder, past, x, pos)
+
+    prompt = [(13 * i) % 700 + 40 for i in range(11)]
+    with torch.no_grad():
+        hidden, past = step(None, embed(torch.tensor([prompt])), 0)
+        last = head(hidden[:, -1])
+        conts = [[5, 6, 7], [], [9], [10, 11, 12, 13, 14]]
+        scored = continuation_nll_after(step, embed, head, past, last, len(prompt), conts)
+    assert [n for _, n in scored] == [3, 0, 1, 5]
+    for (nll, _), cont in zip(scored, conts):
+        if cont:
+            assert nll == pytest.approx(_separate_nll(model, prompt, cont), abs=1e-5)

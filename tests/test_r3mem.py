@@ -544,6 +544,27 @@ def test_memory_reader_answers_from_the_chosen_memories(tiny_lm):
     assert ans.retrieved_ids and ans.context == "" and ans.prompt_tokens == 1 + 8 + 1 + len(prompt)
 
 
+def test_empty_memory_control_computes_and_reads_no_memory(tiny_lm):
+    """``top_k=0:max_entities=0`` (the QA reader's empty-memory control): ingest computes only the document memory
+    (no paragraph or entity memory that nothing could read), and the answer reads the empty memory."""
+    from r3mem_bench.generation import HFGenerator, PromptTemplate
+
+    gen = HFGenerator(tiny_lm, max_new_tokens=3)
+    opts = {"untrained": True, "max_memory_tokens": 8, "memory_tokens": 4, "segment_len": 16, "qa_reader": "memory"}
+    items = [MemoryItem("p1", "The vault code is 4417 and only Ada knows it. Ada lives in Paris."),
+             MemoryItem("p2", "Ada rode to Paris on a yellow bicycle in spring.")]
+    full = get_method_class("r3mem")(tiny_lm, {**opts, "top_k": 2}, generator=gen, prompt=PromptTemplate())
+    control = get_method_class("r3mem")(tiny_lm, {**opts, "top_k": 0, "max_entities": 0}, generator=gen,
+                                        prompt=PromptTemplate())
+    full.ingest(items)
+    control.ingest(items)
+    assert [e["kind"] for e in full.bank].count("paragraph") == 2
+    assert control.bank == [] and control.memory is not None
+    assert control.tokens_processed < full.tokens_processed
+    memory, ids = control._answer_memory("Where does Ada live?")
+    assert ids == [] and torch.equal(memory, control.empty_memory())
+
+
 def test_qa_reader_is_validated_and_default_keeps_config(tiny_lm):
     with pytest.raises(UserError, match="qa_reader"):
         make(tiny_lm, qa_reader="peek")

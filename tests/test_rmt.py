@@ -123,6 +123,16 @@ def test_qa_protocol_reads_the_corpus_into_memory(tiny_lm):
     assert "recall" not in rows[0]["metrics"]  # RMT retrieves no item ids, so it claims no retrieval recall
 
 
+def test_reset_control_answers_from_the_initial_memory_without_reading_the_corpus(tiny_lm):
+    items, questions = retrieval_fixture()
+    rmt = get_method_class("rmt")(tiny_lm, {**OPTS, "segment_len": 32}, **qa_parts(tiny_lm))
+    reset = get_method_class("rmt_reset")(tiny_lm, {**OPTS, "segment_len": 32}, **qa_parts(tiny_lm))
+    rmt_rows, reset_rows = run_qa(rmt, items, questions[:1]), run_qa(reset, items, questions[:1])
+    assert rmt_rows[0]["ingest_tokens"] > 0 and reset_rows[0]["ingest_tokens"] == 0
+    assert torch.equal(reset.carried_memory(), reset.initial_memory(1))
+    assert not torch.equal(rmt.carried_memory(), rmt.initial_memory(1))
+
+
 def test_training_starts_from_scratch_even_when_a_shipped_checkpoint_exists(tiny_lm, tmp_path, monkeypatch):
     import r3mem_bench.baselines.rmt as rmt_module
 

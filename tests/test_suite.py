@@ -38,13 +38,46 @@ def test_shipped_suites_parse():
               "window@rmt", "icae", "icae_reset", "window@icae", "beacon", "beacon_reset", "beacon:max_beacons=16",
               "window@beacon:max_beacons=16", "r3mem", "r3mem_kv", "r3mem_reset", "window@r3mem",
               "window4x@r3mem"}
-    assert {m["method"] for m in quick.methods} == wanted == {m["method"] for m in paper.methods}
+    assert {m["method"] for m in quick.methods} - {"r3mem_kv:top_k=0:max_entities=0"} == wanted
+    assert wanted == {m["method"] for m in paper.methods}
     assert paper.resources.get("num_gpus") == 1 and len(paper.seeds) == 3
     qa = load_suite("qa")
     assert all(t["limit"] >= 200 and t["params"]["generate_questions"] > 0 for t in qa.tasks)
     assert {"no_memory", "r3mem", "r3mem_kv", "vector_rag"} <= {m["method"] for m in qa.methods}
     with pytest.raises(UserError, match="unknown suite 'nope'"):
         load_suite("nope")
+
+
+@pytest.mark.parametrize("name", ["quick", "paper", "qa"])
+def test_suites_score_at_least_200_questions_per_generated_qa_task(name, tiny_lm):
+    """The offline (generated) QA tasks of the shipped suites: the questions a run scores, counted from the data."""
+    from r3mem_bench.families import get_family
+    from r3mem_bench.task import TaskRegistry
+
+    suite, checked = load_suite(name), 0
+    for entry in suite.tasks:
+        for task in TaskRegistry().resolve(entry["task"], entry.get("params")):
+            if task.spec.family == "lm" or task.spec.dataset.get("loader") not in ("needle", "persona"):
+                continue
+            questions = get_family(task.spec.family).examples(task)[: entry.get("limit", suite.limit)]
+            assert len(questions) >= 200, (name, task.name, task.variant)
+            checked += 1
+    assert checked >= 2
+
+
+def test_a_task_entry_can_run_a_subset_of_the_methods(tmp_path):
+    raw = {**BASE, "methods": ["no_memory", "full_context", "vector_rag"],
+           "tasks": [{"task": "wikitext2", "params": {"segment_len": 48, "max_tokens": 96}},
+                     {"task": "needle", "methods": ["no_memory", "vector_rag"]}]}
+    by_task = {}
+    for c in cells(parse_suite(raw, str(tmp_path / "s.yaml")), str(tmp_path)):
+        by_task.setdefault(c["task"], []).append(c["method"])
+    assert by_task == {"wikitext2": ["no_memory", "full_context", "vector_rag"], "needle": ["no_memory", "vector_rag"]}
+    for methods, needle in ((["rmt"], "method 'rmt' is not in the suite's methods"),
+                            ([], "'methods' must be a non-empty list")):
+        bad = {**raw, "tasks": [{"task": "needle", "methods": methods}]}
+        with pytest.raises(UserError, match=needle):
+            parse_suite(bad, str(tmp_path / "s.yaml"))
 
 
 def _rows(out):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from r3mem_bench.generation import batched_nll, padded_continuations
+
 CHECKPOINT_FORMAT = "r3mem-checkpoint/1"
 WEIGHTS, META = "r3mem.safetensors", "r3mem.json"
 
@@ -106,21 +108,18 @@ def greedy_after(step, embed, head, past: torch.Tensor, logits: torch.Tensor, po
 def continuation_nll_after(step, embed, head, past: torch.Tensor, last: torch.Tensor, pos: int,
                            continuations: list[list[int]]) -> list[tuple[float, int]]:
     """(mean per-token NLL, token count) of each continuation (token ids) after the prompt of ``greedy_after``
-    (its KV ``past``, the logits ``last`` [1, V] of its last position, the next position ``pos``); an empty
-    continuation gives ``(nan, 0)``."""
-    scores = []
-    for ids in continuations:
-        if not ids:
-            scores.append((float("nan"), 0))
-            continue
-        target = torch.tensor([ids], device=past.device)  # [1, C]
-        logits = last.unsqueeze(1)  # [1, 1, V]
-        if len(ids) > 1:
-            hidden, _ = step(past, embed(target[:, :-1]), pos)
-            logits = torch.cat([logits, head(hidden)], dim=1)
-        nll = torch.nn.functional.cross_entropy(logits[0].float(), target[0], reduction="sum")
-        scores.append((float(nll) / len(ids), len(ids)))
-    return scores
+    (its KV ``past`` [L, 2, 1, H, P, D], the logits ``last`` [1, V] of its last position, the next position
+    ``pos``), all continuations in one right-padded pass; an empty continuation gives ``(nan, 0)``."""
+    filled = [ids for ids in continuations if ids]
+    if not filled:
+        return [(float("nan"), 0)] * len(continuations)
+    inputs, targets = padded_continuations(filled, pad=0)  # [N, C-1], [N, C]
+    step_logits = None
+    if inputs.shape[1]:
+        rows = past.expand(-1, -1, len(filled), -1, -1, -1)  # [L, 2, N, H, P, D] (a view)
+        hidden, _ = step(rows, embed(inputs.to(past.device)), pos)
+        step_logits = head(hidden)  # [N, C-1, V]
+    return batched_nll(last, step_logits, targets, continuations)
 
 
 def repeated_ngram_ends(seq: list[int], n: int) -> list[int]:

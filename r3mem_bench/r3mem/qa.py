@@ -130,6 +130,7 @@ class QAMixin:
         shape = ("memory_tokens", "segment_len", "max_item_tokens", "max_entities", "entity_extractor",
                  "slot_layout", "slot_positions", "reader", "max_memory_tokens")
         return {"version": INGEST_CACHE_VERSION, "hierarchy": self.hierarchy,  # r3mem_kv reuses r3mem's memories
+                "paragraphs": self._reads_paragraphs(),
                 "model": model_id(self.lm), "checkpoint": self.checkpoint_digest,
                 "options": {k: self.cfg[k] for k in shape}, "items": digest([[i.id, i.text] for i in items])}
 
@@ -170,15 +171,21 @@ class QAMixin:
         self.memory = doc
         if not self.hierarchy:
             return
-        memories = self._memories_of([item.text for item in items], what="paragraph memories")
-        for item, (memory, n) in zip(items, memories):
-            self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory.half(), "tokens": n})
+        if self._reads_paragraphs():
+            memories = self._memories_of([item.text for item in items], what="paragraph memories")
+            for item, (memory, n) in zip(items, memories):
+                self.bank.append({"ids": [item.id], "kind": "paragraph", "memory": memory.half(), "tokens": n})
         mentions = self._frequent_entities(items)
         memories = self._memories_of(self._entity_texts(mentions), cap=int(self.cfg["segment_len"]),
                                      what="entity memories")
         for (ent, mention), (memory, n) in zip(mentions.items(), memories):
             self.bank.append({"ids": sorted({i for i, _ in mention}), "kind": "entity", "key": ent,
                               "memory": memory.half(), "tokens": n})
+
+    def _reads_paragraphs(self) -> bool:
+        """Whether an answer can read paragraph memories (``top_k`` > 0); with ``top_k=0`` (the empty-memory
+        control) none is computed."""
+        return int(self.cfg["top_k"]) > 0
 
     def _frequent_entities(self, items: list[MemoryItem]) -> dict[str, list[tuple[str, str]]]:
         """The ``max_entities`` entities named in at least two items, most mentioned first, with their
@@ -213,8 +220,9 @@ class QAMixin:
             if self.hierarchy:  # paragraph then entity memories, batched as _memories_of batches them
                 n = [len(x) for x in self._token_ids([i.text for i in items])]
                 entities = [len(x) for x in self._token_ids(self._entity_texts(self._frequent_entities(items)), S)]
+                passes = (n, entities) if self._reads_paragraphs() else (entities,)
                 items_len += n
-                batched += sum(k for lengths in (n, entities) for k, _ in self._memory_batches(lengths))
+                batched += sum(k for lengths in passes for k, _ in self._memory_batches(lengths))
 
         def timed(rows: int, lengths: list[int]) -> float:  # seconds of one compress pass of rows x mean length
             width = max(1, min(S, round(sum(lengths) / max(1, len(lengths)))))
@@ -254,9 +262,11 @@ class QAMixin:
         """The bank entries for ``question``: the ``top_k`` paragraph memories by query likelihood, then up to two
         entity memories whose name the question mentions."""
         paragraphs = [e for e in self.bank if e["kind"] == "paragraph"]
-        scores = self._query_scores(question, [e["memory"] for e in paragraphs])
         k = int(self.cfg["top_k"])
-        chosen = [paragraphs[i] for i in sorted(range(len(paragraphs)), key=lambda i: -scores[i])[:k]]
+        chosen = []
+        if k > 0:  # top_k=0 (the empty-memory control) scores nothing
+            scores = self._query_scores(question, [e["memory"] for e in paragraphs])
+            chosen = [paragraphs[i] for i in sorted(range(len(paragraphs)), key=lambda i: -scores[i])[:k]]
         lowered = question.lower()
         named = [e for e in self.bank if e["kind"] == "entity"
                  and re.search(rf"\b{re.escape(e['key'].lower())}\b", lowered)]
