@@ -176,18 +176,24 @@ def padded_continuations(continuations: list[list[int]], pad: int) -> tuple[torc
     return inputs, targets
 
 
-def batched_nll(last: torch.Tensor, step_logits: torch.Tensor | None, targets: torch.Tensor,
-                continuations: list[list[int]]) -> list[tuple[float, int]]:
-    """(mean per-token NLL, token count) of each continuation from the prompt's last logits ``last`` [1, V],
-    the batched pass's logits ``step_logits`` [N, C-1, V] (None when every continuation is one token) and the
-    padded ``targets`` [N, C]; empty continuations give ``(nan, 0)`` in their places."""
+def batched_nll(last: torch.Tensor, step_logits: torch.Tensor | None, targets: torch.Tensor) -> list[float]:
+    """Mean per-token NLL of each padded continuation from the prompt's last logits ``last`` [1, V], the batched
+    pass's logits ``step_logits`` [N, C-1, V] (None when every continuation is one token) and the padded
+    ``targets`` [N, C] (-100 past each row's end)."""
     n = targets.shape[0]
     logits = last.reshape(1, 1, -1).expand(n, 1, -1)
     if step_logits is not None:
         logits = torch.cat([logits, step_logits], dim=1)
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(logits.device), reduction="none").sum(1)
-    sums = iter(nll.tolist())
-    return [(next(sums) / len(ids), len(ids)) if ids else (float("nan"), 0) for ids in continuations]
+    return [total / count for total, count in zip(nll.tolist(), (targets != -100).sum(1).tolist())]
+
+
+def in_place(continuations: list[list[int]], score) -> list[tuple[float, int]]:
+    """(mean NLL, token count) of each continuation, where ``score(filled)`` gives the mean NLLs of the non-empty
+    ones in order (called only when there are some); an empty continuation gives ``(nan, 0)``."""
+    filled = [ids for ids in continuations if ids]
+    scores = iter(score(filled) if filled else [])
+    return [(next(scores), len(ids)) if ids else (float("nan"), 0) for ids in continuations]
 
 
 @torch.no_grad()
@@ -224,19 +230,19 @@ def continuation_nll(model, continuations: list[list[int]], prompt_ids: list[int
         if prompt_cache is not None:
             prompt_cache.ids, prompt_cache.layers = ids, layers
     last = out.logits[:, -1]  # [1, V]
-    filled = [ids for ids in continuations if ids]
-    if not filled:
-        return [(float("nan"), 0)] * len(continuations)
     n_prompt = layers[0][0].shape[2] if layers else 0
-    inputs, positions, mask = packed_continuations(filled, n_prompt, dtype=last.dtype)
-    rows = [last[:0]] * len(filled)  # per continuation: logits after each of its tokens but the last [C-1, V]
-    if inputs.shape[1]:
-        step = model(input_ids=inputs.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
-                     use_cache=True, **{cache_arg: _cache_of(layers)})
-        rows = step.logits[0].split([len(ids) - 1 for ids in filled])
-    scores = iter([float(F.cross_entropy(torch.cat([last, own]).float(), torch.tensor(ids, device=device),
-                                         reduction="sum")) / len(ids) for ids, own in zip(filled, rows)])
-    return [(next(scores), len(ids)) if ids else (float("nan"), 0) for ids in continuations]
+
+    def packed(filled: list[list[int]]) -> list[float]:
+        inputs, positions, mask = packed_continuations(filled, n_prompt, dtype=last.dtype)
+        rows = [last[:0]] * len(filled)  # per continuation: logits after each of its tokens but the last [C-1, V]
+        if inputs.shape[1]:
+            step = model(input_ids=inputs.to(device), position_ids=positions.to(device),
+                         attention_mask=mask.to(device), use_cache=True, **{cache_arg: _cache_of(layers)})
+            rows = step.logits[0].split([len(ids) - 1 for ids in filled])
+        return [float(F.cross_entropy(torch.cat([last, own]).float(), torch.tensor(ids, device=device),
+                                      reduction="sum")) / len(ids) for ids, own in zip(filled, rows)]
+
+    return in_place(continuations, packed)
 
 
 def packed_continuations(continuations: list[list[int]], n_prompt: int, dtype=torch.float32

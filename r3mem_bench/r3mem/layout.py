@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from r3mem_bench.generation import batched_nll, padded_continuations
+from r3mem_bench.generation import batched_nll, in_place, padded_continuations
 
 CHECKPOINT_FORMAT = "r3mem-checkpoint/1"
 WEIGHTS, META = "r3mem.safetensors", "r3mem.json"
@@ -110,16 +110,17 @@ def continuation_nll_after(step, embed, head, past: torch.Tensor, last: torch.Te
     """(mean per-token NLL, token count) of each continuation (token ids) after the prompt of ``greedy_after``
     (its KV ``past`` [L, 2, 1, H, P, D], the logits ``last`` [1, V] of its last position, the next position
     ``pos``), all continuations in one right-padded pass; an empty continuation gives ``(nan, 0)``."""
-    filled = [ids for ids in continuations if ids]
-    if not filled:
-        return [(float("nan"), 0)] * len(continuations)
-    inputs, targets = padded_continuations(filled, pad=0)  # [N, C-1], [N, C]
-    step_logits = None
-    if inputs.shape[1]:
-        rows = past.expand(-1, -1, len(filled), -1, -1, -1)  # [L, 2, N, H, P, D] (a view)
-        hidden, _ = step(rows, embed(inputs.to(past.device)), pos)
-        step_logits = head(hidden)  # [N, C-1, V]
-    return batched_nll(last, step_logits, targets, continuations)
+
+    def batch(filled: list[list[int]]) -> list[float]:
+        inputs, targets = padded_continuations(filled, pad=0)  # [N, C-1], [N, C]
+        step_logits = None
+        if inputs.shape[1]:
+            rows = past.expand(-1, -1, len(filled), -1, -1, -1)  # [L, 2, N, H, P, D] (a view)
+            hidden, _ = step(rows, embed(inputs.to(past.device)), pos)
+            step_logits = head(hidden)  # [N, C-1, V]
+        return batched_nll(last, step_logits, targets)
+
+    return in_place(continuations, batch)
 
 
 def repeated_ngram_ends(seq: list[int], n: int) -> list[int]:

@@ -262,11 +262,9 @@ class QAMixin:
         """The bank entries for ``question``: the ``top_k`` paragraph memories by query likelihood, then up to two
         entity memories whose name the question mentions."""
         paragraphs = [e for e in self.bank if e["kind"] == "paragraph"]
+        scores = self._query_scores(question, [e["memory"] for e in paragraphs])  # none with top_k=0: no scoring
         k = int(self.cfg["top_k"])
-        chosen = []
-        if k > 0:  # top_k=0 (the empty-memory control) scores nothing
-            scores = self._query_scores(question, [e["memory"] for e in paragraphs])
-            chosen = [paragraphs[i] for i in sorted(range(len(paragraphs)), key=lambda i: -scores[i])[:k]]
+        chosen = [paragraphs[i] for i in sorted(range(len(paragraphs)), key=lambda i: -scores[i])[:k]]
         lowered = question.lower()
         named = [e for e in self.bank if e["kind"] == "entity"
                  and re.search(rf"\b{re.escape(e['key'].lower())}\b", lowered)]
